@@ -1,0 +1,286 @@
+"""The `balcony` command line: one small function per verb over the core in balcony_cli."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from balcony_cli import __version__
+from balcony_cli.errors import BadInputError, BalconyError
+
+app = typer.Typer(
+    help="Add trained early exits (Balcony layers) to a frozen decoder-only language model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+logger = logging.getLogger("balcony_cli")
+_state = {"debug": False}
+
+DEFAULT_OUTPUT = Path("balcony-out")
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = RichHandler(console=error_console, show_path=False, show_time=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("balcony_cli").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        console.print(__version__)
+        raise typer.Exit(0)
+    _state["debug"] = debug
+    _setup_logging(debug)
+
+
+def _handle_errors(command):
+    """Turn typed errors into one red line and an exit code: 2 for bad input, 1 for other failures.
+
+    --debug re-raises so that the traceback shows.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except BalconyError as error:
+            if _state["debug"]:
+                raise
+            error_console.print(f"[red]error:[/red] {error}", highlight=False)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            error_console.print("[red]interrupted[/red]")
+            raise typer.Exit(130) from None
+        except Exception as error:
+            if _state["debug"]:
+                raise
+            error_console.print(
+                f"[red]error:[/red] {type(error).__name__}: {error} (rerun with --debug for a traceback)",
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _write_json(path: str, document: dict[str, Any], overwrite: bool) -> None:
+    """Write a --json document; `-` means stdout. An existing file needs --overwrite."""
+    text = json.dumps(document, indent=2, default=str)
+    if path == "-":
+        sys.stdout.write(text + "\n")
+        return
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise BadInputError(f"--json {path!r}: the file exists; pass --overwrite or choose another path")
+    from balcony_cli.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(target, (text + "\n").encode())
+
+
+def _json_document(settings: dict[str, Any], fingerprint: str | None, **body: Any) -> dict[str, Any]:
+    from balcony_cli.checkpoint import SCHEMA_VERSION
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "balcony_version": __version__,
+        "settings": settings,
+        "base_fingerprint": fingerprint,
+        **body,
+    }
+
+
+class RichTrainingProgress:
+    """A rich progress bar with loss, tokens/s and ETA, drawn only when stdout is a terminal."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            TextColumn("step {task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._task = None
+
+    def start(self, total_steps: int, completed_steps: int) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total_steps, completed=completed_steps, loss="-", rate="-")
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        self._progress.update(
+            self._task, completed=step, loss=f"{metrics['loss']:.3f}", rate=f"{metrics['tokens_per_s']:.0f}"
+        )
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def _format_ppl(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == float("inf"):
+        return "inf"
+    return f"{value:.4g}" if value < 1e5 else f"{value:.2e}"
+
+
+def perplexity_rich_table(result) -> Table:
+    table = Table(title=f"Perplexity on {result.eval_text} ({result.before.tokens} predicted tokens)")
+    table.add_column("row")
+    table.add_column("layers run", justify="right")
+    table.add_column("naive early exit", justify="right")
+    table.add_column("Balcony before training", justify="right")
+    table.add_column("Balcony after training", justify="right")
+    full = _format_ppl(result.before.full)
+    # The full model is not trained, so it is the same reference in every column.
+    table.add_row("full", str(result.num_layers), full, full, full)
+    for k in result.exits:
+        table.add_row(
+            f"exit {k}",
+            f"{k} + 1",
+            _format_ppl(result.before.naive.get(k)),
+            _format_ppl(result.before.exits.get(k)),
+            _format_ppl(result.after.exits.get(k) if result.after else None),
+        )
+    return table
+
+
+@app.command()
+@_handle_errors
+def insert(
+    model: str = typer.Argument(..., help="Base model: smollm2-135m, a .gguf file, a local directory or a hub id."),
+    exits: str = typer.Option(..., "--exits", help="Comma-separated layer indices (1-based), or 'all'."),
+    output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "-o", help="Directory to write the Balcony files to."),
+    init: str = typer.Option("copy-last", "--init", help="Balcony layer initialisation: copy-last or random."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the saved config as JSON ('-': stdout)."),
+) -> None:
+    """Add untrained Balcony layers to a base model and save only those layers."""
+    from balcony_cli.insert import insert as insert_exits
+    from balcony_cli.loading import load_config, resolve_model
+    from balcony_cli.model import parse_exits
+
+    exit_list = None if exits.strip() == "all" else parse_exits(exits)
+    if exit_list is None:
+        exit_list = parse_exits("all", load_config(resolve_model(model)).num_hidden_layers)
+    document = insert_exits(model, exit_list, output, init=init, overwrite=overwrite)
+    if json_path:
+        _write_json(json_path, _json_document({"model": model, "exits": exit_list, "init": init,
+                                               "output": str(output)}, document["base_fingerprint"],
+                                              config=document), overwrite)
+    if json_path != "-":
+        console.print(f"Wrote Balcony exits {document['exits']} for {model} to {output}")
+
+
+@app.command()
+@_handle_errors
+def train(
+    model: str = typer.Argument(..., help="Base model: smollm2-135m, a .gguf file, a local directory or a hub id."),
+    exits: Optional[str] = typer.Option(None, "--exits", help="Comma-separated layer indices; overrides the recipe."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe file (see recipes/)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training text: files, folders, globs or a hub dataset id."),
+    output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "-o", help="Output directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    init: Optional[str] = typer.Option(None, "--init", help="copy-last or random."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimiser steps."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Blocks per micro-batch per process."),
+    grad_accum_steps: Optional[int] = typer.Option(None, "--grad-accum-steps", help="Micro-batches per step."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per training block."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between validation passes."),
+    eval_text: Optional[str] = typer.Option(
+        None, "--eval-text", help="Text file for the perplexity table (default: $BALCONY_DATA_DIR/wikitext2_raw)."
+    ),
+    ppl_tokens: Optional[int] = typer.Option(None, "--ppl-tokens", help="Tokens scored for perplexity."),
+    ppl_window: Optional[int] = typer.Option(None, "--ppl-window", help="Perplexity window in tokens."),
+    no_perplexity: bool = typer.Option(False, "--no-perplexity", help="Skip the before/after perplexity table."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the run summary as JSON ('-': stdout)."),
+) -> None:
+    """Train the Balcony layers by self-distillation from the full model, then print a perplexity table."""
+    from balcony_cli.model import parse_exits
+    from balcony_cli.recipe import load_recipe
+    from balcony_cli.train import TrainRequest
+    from balcony_cli.train import train as run_training
+
+    overrides = {
+        "exits": parse_exits(exits) if exits else None,
+        "data": data,
+        "init": init,
+        "max_steps": max_steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "grad_accum_steps": grad_accum_steps,
+        "seq_len": seq_len,
+        "precision": precision,
+        "seed": seed,
+        "save_every": save_every,
+        "eval_every": eval_every,
+        "eval_text": eval_text,
+        "ppl_tokens": ppl_tokens,
+        "ppl_window": ppl_window,
+    }
+    resolved = load_recipe(recipe, overrides)
+    if json_path and json_path != "-" and Path(json_path).exists() and not overwrite:
+        raise BadInputError(f"--json {json_path!r}: the file exists; pass --overwrite or choose another path")
+    request = TrainRequest(
+        model=model, recipe=resolved, output_dir=output, resume=resume, overwrite=overwrite,
+        perplexity=not no_perplexity,
+    )
+    show_progress = console.is_terminal and json_path != "-"
+    result = run_training(request, progress=RichTrainingProgress() if show_progress else None)
+    if result is None:
+        return
+    if json_path:
+        _write_json(
+            json_path,
+            _json_document({"model": model, "recipe": resolved.to_dict(), "output": str(output)},
+                           result.base_fingerprint, **result.to_dict()),
+            overwrite,
+        )
+    if json_path == "-":
+        return
+    if result.before is not None:
+        console.print(perplexity_rich_table(result))
+    elif request.perplexity:
+        console.print(
+            "No perplexity table: no eval text found. Pass --eval-text FILE or set BALCONY_DATA_DIR to a folder "
+            "with wikitext2_raw/wiki.test.raw."
+        )
+    console.print(
+        f"Trained {result.steps} steps on {result.train_tokens:,} tokens: {result.train_tokens_per_s:.0f} "
+        f"training tokens/s; teacher-only forward {result.teacher_tokens_per_s:.0f} tokens/s. "
+        f"Saved to {result.output_dir}."
+    )
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()

@@ -1,0 +1,132 @@
+"""Training text: find the files, tokenise and pack them into fixed-length blocks with `datasets`."""
+
+from __future__ import annotations
+
+import glob
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from balcony_cli.errors import BadInputError
+
+logger = logging.getLogger(__name__)
+
+# File suffix -> datasets builder name.
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class DataSource:
+    spec: str
+    builder: str
+    """A datasets builder ("text", "json", "parquet"), or "hub" for a hub dataset id."""
+    files: tuple[str, ...] = ()
+
+
+def resolve_data(spec: str | None) -> DataSource:
+    """Find the training files named by --data: files, folders (searched recursively) or globs."""
+    if not spec:
+        raise BadInputError(
+            "--data is missing: pass training text as .txt/.jsonl/.parquet files, a folder, a glob, "
+            "or a hub dataset id"
+        )
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        candidates = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS)
+    elif path.is_file():
+        candidates = [str(path)]
+    elif glob.has_magic(spec):
+        candidates = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return DataSource(spec=spec, builder="hub")
+    else:
+        raise BadInputError(f"--data {spec!r}: no such file or folder. Check the path.")
+
+    if not candidates:
+        raise BadInputError(
+            f"--data {spec!r}: no .txt, .jsonl or .parquet files found there; point it at your text files"
+        )
+    suffixes = {Path(p).suffix for p in candidates}
+    unknown = sorted(s for s in suffixes if s not in BUILDERS)
+    if unknown:
+        raise BadInputError(
+            f"--data {spec!r}: unsupported file type {unknown[0]!r}; use .txt, .jsonl or .parquet files"
+        )
+    builders = {BUILDERS[s] for s in suffixes}
+    if len(builders) > 1:
+        raise BadInputError(
+            f"--data {spec!r}: mixes file types ({', '.join(sorted(suffixes))}); pass one type at a time"
+        )
+    nonempty = [p for p in candidates if Path(p).stat().st_size > 0]
+    if not nonempty:
+        raise BadInputError(f"--data {spec!r}: every file is empty; add text to train on")
+    return DataSource(spec=spec, builder=builders.pop(), files=tuple(nonempty))
+
+
+def load_text_dataset(source: DataSource, text_field: str = "text"):
+    """Load the raw text as a datasets.Dataset with one column, "text"."""
+    import datasets
+
+    if source.builder == "hub":
+        try:
+            dataset = datasets.load_dataset(source.spec, split="train")
+        except Exception as error:  # the hub client raises many types for one cause: no network
+            raise BadInputError(
+                f"--data {source.spec!r}: could not load it from the Hugging Face Hub ({error}); "
+                "pass local .txt, .jsonl or .parquet files instead"
+            ) from error
+    elif source.builder == "text":
+        # One row per file keeps the text exactly as written, line breaks included.
+        dataset = datasets.load_dataset("text", data_files=list(source.files), split="train", sample_by="document")
+    else:
+        dataset = datasets.load_dataset(source.builder, data_files=list(source.files), split="train")
+    if text_field not in dataset.column_names:
+        raise BadInputError(
+            f"--data {source.spec!r}: no column {text_field!r} (columns: {', '.join(dataset.column_names)}); "
+            "set text_field in the recipe"
+        )
+    if text_field != "text":
+        dataset = dataset.rename_column(text_field, "text")
+    return dataset.select_columns(["text"])
+
+
+def pack_blocks(dataset, tokenizer, seq_len: int):
+    """Tokenise every document, end each with the EOS token, and cut the stream into seq_len blocks.
+
+    The tail shorter than one block is dropped. `datasets` caches both maps by content fingerprint,
+    so a second run on the same text and tokenizer skips the work.
+    """
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"input_ids": [row + [eos] if eos is not None else row for row in ids]}
+
+    def group(batch):
+        stream = [token for row in batch["input_ids"] for token in row]
+        usable = len(stream) // seq_len * seq_len
+        return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}
+
+    tokenized = dataset.map(tokenize, batched=True, remove_columns=["text"], desc="Tokenising")
+    # One batch of 1,000 documents per group call: the tail of each batch (< seq_len tokens) is lost.
+    return tokenized.map(group, batched=True, batch_size=1000, desc="Packing")
+
+
+def build_splits(source: DataSource, tokenizer, seq_len: int, val_blocks: int, seed: int, text_field: str = "text"):
+    """Return (train, validation) datasets of packed blocks, with the validation blocks held out at random."""
+    blocks = pack_blocks(load_text_dataset(source, text_field), tokenizer, seq_len)
+    minimum = 1 + (1 if val_blocks > 0 else 0)
+    if len(blocks) < minimum:
+        total = sum(len(ids) for ids in tokenizer(
+            load_text_dataset(source, text_field)["text"], add_special_tokens=False, verbose=False
+        )["input_ids"])
+        raise BadInputError(
+            f"--data {source.spec!r}: the corpus has {total} tokens, fewer than the {minimum} block(s) of "
+            f"seq_len={seq_len} tokens that training needs (one is held out for validation); add text or "
+            "lower --seq-len"
+        )
+    val_count = min(val_blocks, max(1, len(blocks) // 10)) if val_blocks > 0 else 0
+    if val_count == 0:
+        return blocks.with_format("torch"), None
+    split = blocks.train_test_split(test_size=val_count, seed=seed, shuffle=True)
+    return split["train"].with_format("torch"), split["test"].with_format("torch")

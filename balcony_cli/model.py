@@ -1,0 +1,281 @@
+"""The Balcony model: a frozen base with one extra decoder layer and norm per exit, sharing the LM head."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from balcony_cli.architectures import Layout, layout_for
+from balcony_cli.errors import BadInputError
+
+Init = Literal["copy-last", "random"]
+INIT_CHOICES: tuple[str, ...] = ("copy-last", "random")
+
+
+def parse_exits(text: str | Sequence[int], num_layers: int | None = None) -> list[int]:
+    """Parse and validate an exit list such as "10,15,20" or "all".
+
+    Exits are 1-based layer indices k with 1 <= k < num_layers. "all" needs num_layers and means every
+    valid k. Without num_layers, only the syntax is checked.
+    """
+    if isinstance(text, str):
+        stripped = text.strip()
+        if stripped == "all":
+            if num_layers is None:
+                raise BadInputError("--exits all: the number of layers is not known yet; list the exits")
+            return list(range(1, num_layers))
+        parts = [part.strip() for part in stripped.split(",")] if stripped else []
+        if not parts or any(part == "" for part in parts):
+            raise BadInputError(
+                f"--exits {text!r}: expected a comma-separated list of layer indices, such as 10,15,20"
+            )
+        exits = []
+        for part in parts:
+            try:
+                exits.append(int(part))
+            except ValueError:
+                raise BadInputError(
+                    f"--exits {text!r}: {part!r} is not an integer; pass layer indices such as 10,15,20"
+                ) from None
+    else:
+        exits = [int(k) for k in text]
+        if not exits:
+            raise BadInputError("--exits: the list is empty; pass layer indices such as 10,15,20")
+
+    duplicates = sorted({k for k in exits if exits.count(k) > 1})
+    if duplicates:
+        raise BadInputError(
+            f"--exits {','.join(map(str, exits))}: exit {duplicates[0]} is listed twice; list each exit once"
+        )
+    if num_layers is not None:
+        for k in exits:
+            if not 1 <= k < num_layers:
+                raise BadInputError(
+                    f"--exits {','.join(map(str, exits))}: exit {k} is out of range; the model has "
+                    f"{num_layers} layers, so exits must lie in 1..{num_layers - 1}"
+                )
+    return sorted(exits)
+
+
+@dataclass
+class BalconyTrainingOutput(ModelOutput):
+    """Hidden states from one pass of the base with every exit attached (before the LM head).
+
+    Shapes are (batch, sequence, hidden). Logits are left to the caller, which applies the shared head
+    in chunks of tokens so that no full-vocabulary tensor exists for every exit at once.
+    """
+
+    full_hidden: torch.Tensor | None = None
+    """The base's last hidden state after its final norm (the teacher)."""
+    exit_hidden: dict[int, torch.Tensor] | None = None
+    """Exit k's hidden state after Balcony layer k and exit norm k."""
+    naive_hidden: dict[int, torch.Tensor] | None = None
+    """Layer k's output after the base's final norm: the untrained early exit, when requested."""
+
+
+class BalconyModel(nn.Module):
+    """A frozen base causal LM with a Balcony layer and an exit norm after each chosen layer.
+
+    `forward(input_ids, exit=k)` and `generate(..., exit=k)` run exit k as an ordinary model of the
+    base's own class with k + 1 layers. That model is a view: it shares every module with the base
+    and the Balcony layer, so switching exits copies no weights.
+    """
+
+    def __init__(self, base: nn.Module, exits: Iterable[int], init: Init = "copy-last", seed: int = 0):
+        super().__init__()
+        self.layout: Layout = layout_for(base.config)
+        self.base = base
+        self.base.eval()
+        self.base.requires_grad_(False)
+        self.num_layers = len(self.layout.layers(base))
+        self.exits = parse_exits(list(exits), self.num_layers)
+        if init not in INIT_CHOICES:
+            raise BadInputError(f"--init {init!r}: expected one of {', '.join(INIT_CHOICES)}")
+        self.init = init
+
+        base_layers = self.layout.layers(base)
+        layer_class = type(base_layers[-1])
+        reference_param = next(base.parameters())
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        exit_layers, exit_norms = {}, {}
+        for k in self.exits:
+            # A fresh layer built for slot k, so that its attention type (sliding or full) and its
+            # KV-cache index match the position it takes in the exit-k model.
+            layer = layer_class(base.config, layer_idx=k)
+            norm = copy.deepcopy(self.layout.layer_input_norm(base_layers[k]))
+            if init == "copy-last":
+                layer.load_state_dict(base_layers[-1].state_dict())
+            else:
+                with torch.no_grad():
+                    layer.apply(base._init_weights)
+                    norm.apply(base._init_weights)
+            self.layout.set_layer_index(layer, k)
+            exit_layers[str(k)] = layer.to(device=reference_param.device, dtype=reference_param.dtype)
+            exit_norms[str(k)] = norm.to(device=reference_param.device, dtype=reference_param.dtype)
+        torch.random.set_rng_state(generator_state)
+
+        self.exit_layers = nn.ModuleDict(exit_layers)
+        self.exit_norms = nn.ModuleDict(exit_norms)
+        # Like transformers' from_pretrained, start in eval mode; the trainer switches to train mode.
+        self.eval()
+        # Views are plain attributes, not submodules, so that state_dict() and parameters() see each
+        # module once.
+        self.__dict__["_views"] = {}
+
+    # Parameters and state.
+
+    def balcony_state_dict(self) -> dict[str, torch.Tensor]:
+        """Return only the Balcony parameters, keyed "exit_layers.K...." and "exit_norms.K...."."""
+        state = {}
+        for prefix, module in (("exit_layers", self.exit_layers), ("exit_norms", self.exit_norms)):
+            for name, tensor in module.state_dict().items():
+                state[f"{prefix}.{name}"] = tensor
+        return state
+
+    def load_balcony_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.balcony_state_dict())
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise BadInputError(
+                "Balcony weights do not match the exits in balcony_config.json "
+                f"(missing: {missing[:3]}, unexpected: {unexpected[:3]}); the checkpoint is inconsistent"
+            )
+        for prefix, module in (("exit_layers", self.exit_layers), ("exit_norms", self.exit_norms)):
+            sub = {k.removeprefix(prefix + "."): v for k, v in state.items() if k.startswith(prefix + ".")}
+            module.load_state_dict(sub)
+
+    def balcony_parameters(self) -> list[nn.Parameter]:
+        return [*self.exit_layers.parameters(), *self.exit_norms.parameters()]
+
+    def train(self, mode: bool = True) -> BalconyModel:
+        # The base stays in eval mode: it is the frozen teacher, and its dropout must not fire.
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def head(self) -> nn.Module:
+        return self.layout.head(self.base)
+
+    # Single-exit inference.
+
+    def exit_model(self, exit: int | None) -> nn.Module:
+        """Return the model that runs exit `exit` (or the full base for None or the last layer).
+
+        The result is an instance of the base's class, sharing modules with it, with layers
+        1..k, Balcony layer k as layer k + 1, and exit norm k as its final norm.
+        """
+        if exit is None or exit == self.num_layers:
+            return self.base
+        if exit not in self.exits:
+            raise BadInputError(
+                f"--exit {exit}: this checkpoint has exits {','.join(map(str, self.exits))}; "
+                f"pick one of them, or {self.num_layers} for the full model"
+            )
+        view = self._views.get(exit)
+        if view is None:
+            view = self._build_view(exit)
+            self._views[exit] = view
+        return view
+
+    def _build_view(self, k: int) -> nn.Module:
+        layout = self.layout
+        config = layout.truncated_config(self.base.config, k + 1)
+        body = layout.body(self.base)
+        body_view = _shallow_module_copy(body)
+        setattr(
+            body_view,
+            layout.layers_attr,
+            nn.ModuleList([*layout.layers(self.base)[:k], self.exit_layers[str(k)]]),
+        )
+        setattr(body_view, layout.final_norm_attr, self.exit_norms[str(k)])
+        body_view.config = config
+        view = _shallow_module_copy(self.base)
+        setattr(view, layout.body_attr, body_view)
+        view.config = config
+        return view
+
+    def forward(self, input_ids: torch.Tensor | None = None, exit: int | Literal["all"] | None = None, **kwargs):
+        """Run exit `exit` (None: the full model) and return the base class's usual causal-LM output.
+
+        Other keyword arguments (attention_mask, cache, use_cache, labels, ...) go to the model as is.
+        `exit="all"` returns `forward_all(input_ids, **kwargs)` instead: training calls it that way so
+        that a DistributedDataParallel wrapper sees the pass.
+        """
+        if exit == "all":
+            return self.forward_all(input_ids, **kwargs)
+        return self.exit_model(exit)(input_ids=input_ids, **kwargs)
+
+    def generate(self, *args, exit: int | None = None, **kwargs):
+        """Generate with transformers' `generate` at exit `exit` (None: the full model)."""
+        return self.exit_model(exit).generate(*args, **kwargs)
+
+    # One pass for training and evaluation.
+
+    def forward_all(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        exits: Sequence[int] | None = None,
+        naive: bool = False,
+    ) -> BalconyTrainingOutput:
+        """Run the base once and every exit on the way, returning hidden states before the head.
+
+        A forward pre-hook on base layer k + 1 catches layer k's output together with the exact
+        mask, position ids and position embeddings that the base passes to that slot, and feeds them
+        to Balcony layer k. The exit therefore computes what `forward(exit=k)` computes.
+        """
+        exits = self.exits if exits is None else list(exits)
+        base_layers = self.layout.layers(self.base)
+        exit_hidden: dict[int, torch.Tensor] = {}
+        naive_hidden: dict[int, torch.Tensor] = {}
+        final_norm = self.layout.final_norm(self.base)
+
+        def make_hook(k: int):
+            def hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                exit_out = self.exit_layers[str(k)](*args, **kwargs)
+                exit_hidden[k] = self.exit_norms[str(k)](exit_out)
+                if naive:
+                    naive_hidden[k] = final_norm(hidden)
+                return None
+
+            return hook
+
+        handles = [
+            base_layers[k].register_forward_pre_hook(make_hook(k), with_kwargs=True) for k in exits
+        ]
+        try:
+            body_out = self.layout.body(self.base)(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return BalconyTrainingOutput(
+            full_hidden=body_out.last_hidden_state,
+            exit_hidden=exit_hidden,
+            naive_hidden=naive_hidden if naive else None,
+        )
+
+
+def _shallow_module_copy(module: nn.Module) -> nn.Module:
+    """Copy a module object without copying its parameters or submodules.
+
+    The copy gets its own submodule table, so replacing a submodule on it leaves the original intact.
+    """
+    clone = copy.copy(module)
+    clone._modules = copy.copy(module._modules)
+    return clone

@@ -1,0 +1,117 @@
+"""Perplexity under the project's protocol, for the full model, naive exits and Balcony exits at once.
+
+Protocol: read the text as UTF-8 with CRLF turned into LF, tokenise it without special tokens, keep
+the first `max_tokens` tokens, cut them into non-overlapping windows of `window` tokens (the last
+window may be shorter), and report exp(mean NLL) over every predicted token.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from balcony_cli.errors import BadInputError
+from balcony_cli.model import BalconyModel
+
+DATA_DIR_ENV = "BALCONY_DATA_DIR"
+WIKITEXT2_TEST = Path("wikitext2_raw") / "wiki.test.raw"
+
+
+def default_eval_text() -> Path | None:
+    """The WikiText-2 test file under $BALCONY_DATA_DIR, when that variable is set and the file exists."""
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    if data_dir and (Path(data_dir) / WIKITEXT2_TEST).is_file():
+        return Path(data_dir) / WIKITEXT2_TEST
+    return None
+
+
+def read_eval_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"--eval-text {str(path)!r}: file not found. Check the path.")
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    if not text.strip():
+        raise BadInputError(f"--eval-text {str(path)!r}: the file is empty")
+    return text
+
+
+def perplexity_windows(tokenizer, text: str, max_tokens: int, window: int) -> list[torch.Tensor]:
+    """Tokenise `text` and cut its first `max_tokens` tokens into windows of at most `window` tokens."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
+    windows = [torch.tensor(ids[i : i + window]) for i in range(0, len(ids), window)]
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+        raise BadInputError("the perplexity text has fewer than 2 tokens; use a longer text")
+    return windows
+
+
+def _nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 2048) -> float:
+    """Sum of next-token NLLs. hidden: (batch, seq, dim) predicting labels: (batch, seq)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    total = 0.0
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        logits = head(hidden[start : start + chunk_tokens]).float()  # (chunk, vocab)
+        total += F.cross_entropy(logits, labels[start : start + chunk_tokens], reduction="sum").item()
+    return total
+
+
+@dataclass
+class PerplexityTable:
+    """Perplexity of each row, and how many tokens were predicted."""
+
+    tokens: int
+    full: float | None = None
+    naive: dict[int, float] = field(default_factory=dict)
+    exits: dict[int, float] = field(default_factory=dict)
+
+
+def _ppl(nll_sum: float, tokens: int) -> float:
+    mean = nll_sum / tokens
+    return math.exp(mean) if mean < 700 else math.inf
+
+
+@torch.no_grad()
+def perplexity_table(
+    model: BalconyModel,
+    windows: Sequence[torch.Tensor],
+    exits: Sequence[int] | None = None,
+    full: bool = True,
+    naive: bool = True,
+    batch_size: int = 4,
+) -> PerplexityTable:
+    """Score the windows with one base pass per batch: the full model, naive exits and Balcony exits."""
+    exits = list(model.exits if exits is None else exits)
+    device = next(model.base.parameters()).device
+    head = model.head
+    full_nll, tokens = 0.0, 0
+    naive_nll = dict.fromkeys(exits, 0.0)
+    exit_nll = dict.fromkeys(exits, 0.0)
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for window in windows:
+        by_length.setdefault(len(window), []).append(window)
+    for same_length in by_length.values():
+        for start in range(0, len(same_length), batch_size):
+            input_ids = torch.stack(same_length[start : start + batch_size]).to(device)  # (batch, seq)
+            out = model.forward_all(input_ids, exits=exits, naive=naive)
+            labels = input_ids[:, 1:]
+            tokens += labels.numel()
+            if full:
+                full_nll += _nll_sum(head, out.full_hidden[:, :-1], labels)
+            for k in exits:
+                exit_nll[k] += _nll_sum(head, out.exit_hidden[k][:, :-1], labels)
+                if naive:
+                    naive_nll[k] += _nll_sum(head, out.naive_hidden[k][:, :-1], labels)
+    return PerplexityTable(
+        tokens=tokens,
+        full=_ppl(full_nll, tokens) if full else None,
+        naive={k: _ppl(v, tokens) for k, v in naive_nll.items()} if naive else {},
+        exits={k: _ppl(v, tokens) for k, v in exit_nll.items()},
+    )

@@ -1,0 +1,186 @@
+"""Typed training recipes, loaded from YAML and overridden from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from balcony_cli.errors import BadInputError
+from balcony_cli.model import INIT_CHOICES, parse_exits
+
+
+@dataclass
+class Recipe:
+    """Everything that decides a training run, so that a run can be repeated from its saved recipe."""
+
+    exits: list[int] | None = None
+    """Layer indices (1-based) after which an exit is added; given here or with --exits."""
+    init: Literal["copy-last", "random"] = "copy-last"
+    """Balcony layer initialisation: a copy of the base's last layer, or random (for ablations)."""
+    data: str | None = None
+    """Training text: local .txt/.jsonl/.parquet files, folders or globs, or a hub dataset id."""
+    text_field: str = "text"
+    """Column that holds the text in .jsonl and .parquet data."""
+    seq_len: int = 256
+    """Tokens per packed training block."""
+    batch_size: int = 4
+    """Blocks per micro-batch on each process."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimiser step."""
+    max_steps: int = 300
+    """Optimiser steps."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    warmup_ratio: float = 0.01
+    """Share of max_steps spent in linear warm-up before the cosine decay to zero."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Maximum global gradient norm; 0 turns clipping off."""
+    temperature: float = 1.0
+    """Distillation temperature applied to both the full-model and the exit logits."""
+    exit_weights: list[float] | None = None
+    """Loss weight of each exit, in the order of `exits`; default 1.0 each."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk when the loss applies the LM head; bounds the memory held by logits."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast for the forward passes (the optimiser state stays fp32)."""
+    seed: int = 0
+    """Seed for initialisation, data order and everything random in the run."""
+    val_blocks: int = 16
+    """Blocks held out from the training data for validation."""
+    eval_every: int = 100
+    """Steps between validation passes (0: only at the end)."""
+    save_every: int = 100
+    """Steps between checkpoints (0: only the final save)."""
+    log_every: int = 10
+    """Steps between lines in metrics.jsonl."""
+    eval_text: str | None = None
+    """Text file for the final perplexity table; default $BALCONY_DATA_DIR/wikitext2_raw/wiki.test.raw."""
+    ppl_tokens: int = 20_000
+    """Tokens of eval_text scored in the perplexity table."""
+    ppl_window: int = 512
+    """Non-overlapping window length for perplexity."""
+    notes: str = ""
+    """Free text saved with the run."""
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.exits is not None:
+            self.exits = parse_exits(list(self.exits))
+        if self.init not in INIT_CHOICES:
+            errors.append(f"init {self.init!r}: expected one of {', '.join(INIT_CHOICES)}")
+        for name in ("seq_len", "batch_size", "grad_accum_steps", "max_steps", "loss_chunk_tokens", "ppl_window"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name} {getattr(self, name)}: must be a positive integer")
+        if self.seq_len < 2:
+            errors.append(f"seq_len {self.seq_len}: must be at least 2")
+        for name in ("val_blocks", "eval_every", "save_every", "log_every", "ppl_tokens"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name} {getattr(self, name)}: must not be negative")
+        if not self.lr > 0:
+            errors.append(f"lr {self.lr}: must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            errors.append(f"warmup_ratio {self.warmup_ratio}: must lie in [0, 1)")
+        if not self.temperature > 0:
+            errors.append(f"temperature {self.temperature}: must be positive")
+        if self.precision not in ("fp32", "bf16"):
+            errors.append(f"precision {self.precision!r}: expected fp32 or bf16")
+        if self.exit_weights is not None:
+            if self.exits is not None and len(self.exit_weights) != len(self.exits):
+                errors.append(
+                    f"exit_weights has {len(self.exit_weights)} values for {len(self.exits)} exits; "
+                    "give one weight per exit"
+                )
+            if any(w < 0 for w in self.exit_weights):
+                errors.append("exit_weights: weights must not be negative")
+        self.adam_betas = tuple(self.adam_betas)
+        if errors:
+            raise BadInputError("invalid recipe: " + "; ".join(errors))
+
+    def weights(self) -> list[float]:
+        assert self.exits is not None
+        return list(self.exit_weights) if self.exit_weights is not None else [1.0] * len(self.exits)
+
+    def to_dict(self) -> dict[str, Any]:
+        document = dataclasses.asdict(self)
+        document["adam_betas"] = list(self.adam_betas)
+        return document
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+RECIPE_FIELDS = [f.name for f in fields(Recipe)]
+
+
+def _check_type(name: str, value: Any) -> Any:
+    """Check a recipe value against its field's annotation, converting ints to floats where needed."""
+    annotation = typing.get_type_hints(Recipe)[name]
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union) and type(None) in args:
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            raise BadInputError(f"recipe field {name} = {value!r}: expected one of {', '.join(map(str, args))}")
+        return value
+    expected = origin or annotation
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is tuple and isinstance(value, list):
+        value = tuple(value)
+    if expected in (int, float, str, bool, list, tuple, dict) and not (
+        isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    ):
+        raise BadInputError(
+            f"recipe field {name} = {value!r}: expected {getattr(expected, '__name__', expected)}"
+        )
+    return value
+
+
+def recipe_from_dict(document: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build a Recipe, rejecting unknown keys with the closest valid key as a hint."""
+    if not isinstance(document, dict):
+        raise BadInputError(f"{source}: expected a mapping of recipe fields at the top level")
+    values = {}
+    for key, value in document.items():
+        if key not in RECIPE_FIELDS:
+            close = difflib.get_close_matches(str(key), RECIPE_FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(RECIPE_FIELDS)}"
+            raise BadInputError(f"{source}: unknown key {key!r}{hint}")
+        values[key] = _check_type(key, value)
+    return Recipe(**values)
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load a recipe file (or the defaults when `path` is None) and apply non-None overrides."""
+    document: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            available = sorted(str(p) for p in Path("recipes").glob("**/*.yaml")) if Path("recipes").is_dir() else []
+            hint = f" Available: {', '.join(available)}." if available else ""
+            raise BadInputError(f"--recipe {source!r}: file not found.{hint}")
+        try:
+            document = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise BadInputError(f"--recipe {source!r}: invalid YAML ({error})") from error
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            document[key] = value
+    return recipe_from_dict(document, source=source)

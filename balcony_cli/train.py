@@ -1,0 +1,525 @@
+"""Self-distillation training of the Balcony layers, through accelerate, with resumable checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from balcony_cli.architectures import layout_for
+from balcony_cli.checkpoint import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    balcony_config,
+    check_output_dir,
+    fingerprint_weights,
+    load_balcony_weights,
+    save_balcony,
+)
+from balcony_cli.data import build_splits, resolve_data
+from balcony_cli.distill import distillation_losses
+from balcony_cli.errors import BadInputError
+from balcony_cli.loading import check_decoder_only, load_base_model, load_config, load_tokenizer, resolve_model
+from balcony_cli.model import BalconyModel, parse_exits
+from balcony_cli.perplexity import (
+    PerplexityTable,
+    _nll_sum,
+    default_eval_text,
+    perplexity_table,
+    perplexity_windows,
+    read_eval_text,
+)
+from balcony_cli.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+METRICS = "metrics.jsonl"
+RECIPE_FILE = "recipe.yaml"
+SUMMARY = "train_summary.json"
+TABLE_BEFORE = "perplexity_before.json"
+# Recipe fields that may differ between a run and its resumption.
+RESUMABLE_CHANGES = {"max_steps", "eval_every", "save_every", "log_every", "notes", "eval_text", "ppl_tokens"}
+
+
+class Progress(Protocol):
+    """What the trainer reports to a progress display; the CLI supplies a rich one on terminals."""
+
+    def start(self, total_steps: int, completed_steps: int) -> None: ...
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, total_steps: int, completed_steps: int) -> None:
+        pass
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+@dataclass
+class TrainRequest:
+    model: str
+    recipe: Recipe
+    output_dir: Path = Path("balcony-out")
+    resume: bool = False
+    overwrite: bool = False
+    perplexity: bool = True
+    """Compute the before/after perplexity table on the eval text (skipped when no eval text is found)."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    exits: list[int]
+    num_layers: int
+    steps: int
+    train_tokens: int
+    train_tokens_per_s: float
+    teacher_tokens_per_s: float
+    elapsed_s: float
+    eval_text: str | None
+    before: PerplexityTable | None
+    after: PerplexityTable | None
+    validation: dict[str, Any] = field(default_factory=dict)
+    base_fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        def table(t: PerplexityTable | None):
+            if t is None:
+                return None
+            return {"tokens": t.tokens, "full": t.full, "naive": t.naive, "exits": t.exits}
+
+        return {
+            "output_dir": str(self.output_dir),
+            "exits": self.exits,
+            "num_layers": self.num_layers,
+            "steps": self.steps,
+            "train_tokens": self.train_tokens,
+            "train_tokens_per_s": self.train_tokens_per_s,
+            "teacher_tokens_per_s": self.teacher_tokens_per_s,
+            "elapsed_s": self.elapsed_s,
+            "eval_text": self.eval_text,
+            "perplexity_before": table(self.before),
+            "perplexity_after": table(self.after),
+            "validation": self.validation,
+            "base_fingerprint": self.base_fingerprint,
+        }
+
+
+def _table_from_dict(document: dict | None) -> PerplexityTable | None:
+    if document is None:
+        return None
+    return PerplexityTable(
+        tokens=document["tokens"],
+        full=document["full"],
+        naive={int(k): v for k, v in document["naive"].items()},
+        exits={int(k): v for k, v in document["exits"].items()},
+    )
+
+
+# Validation and throughput.
+
+
+@torch.no_grad()
+def validate(model: BalconyModel, blocks, recipe: Recipe, batch_size: int) -> dict[str, Any]:
+    """Mean KL(full || exit) and perplexity per exit, and the full model's perplexity, on held-out blocks."""
+    was_training = model.training
+    model.eval()
+    device = next(model.base.parameters()).device
+    kl_sums = dict.fromkeys(model.exits, 0.0)
+    nll_sums = dict.fromkeys(model.exits, 0.0)
+    full_nll, tokens, batches = 0.0, 0, 0
+    for start in range(0, len(blocks), batch_size):
+        input_ids = blocks[start : start + batch_size]["input_ids"].to(device)  # (batch, seq)
+        out = model.forward_all(input_ids)
+        losses = distillation_losses(
+            model.head,
+            out.full_hidden,
+            [out.exit_hidden[k] for k in model.exits],
+            temperature=recipe.temperature,
+            chunk_tokens=recipe.loss_chunk_tokens,
+        )
+        labels = input_ids[:, 1:]
+        tokens += labels.numel()
+        batches += input_ids.shape[0]
+        full_nll += _nll_sum(model.head, out.full_hidden[:, :-1], labels)
+        for index, k in enumerate(model.exits):
+            kl_sums[k] += losses[index].item() * input_ids.shape[0]
+            nll_sums[k] += _nll_sum(model.head, out.exit_hidden[k][:, :-1], labels)
+    model.train(was_training)
+    return {
+        "kl": {k: kl_sums[k] / batches for k in model.exits},
+        "perplexity": {k: math.exp(min(nll_sums[k] / tokens, 700)) for k in model.exits},
+        "full_perplexity": math.exp(min(full_nll / tokens, 700)),
+    }
+
+
+@torch.no_grad()
+def teacher_tokens_per_second(model: BalconyModel, input_ids: torch.Tensor, repeats: int = 3) -> float:
+    """Time a teacher-only forward pass (base body and head on every token) at the training shape."""
+    body = model.layout.body(model.base)
+    model.head(body(input_ids=input_ids, use_cache=False).last_hidden_state)  # warm-up
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.head(body(input_ids=input_ids, use_cache=False).last_hidden_state)
+        timings.append(time.perf_counter() - start)
+    return input_ids.numel() / float(np.median(timings))
+
+
+# Checkpoints.
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.random.get_rng_state(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+
+
+def save_training_checkpoint(output_dir: Path, model: BalconyModel, optimizer, scheduler, state: dict) -> Path:
+    """Write checkpoints/step-N atomically, then point checkpoints/latest at it and drop older ones.
+
+    accelerate's save_state would also write the frozen base's weights on every save, so the trainer
+    writes only the Balcony parameters, the optimiser and scheduler states, and the RNG states.
+    """
+    root = output_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state['step']:07d}"
+    with atomic_directory(root / name, overwrite=True) as directory:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.balcony_state_dict().items()}
+        save_file(weights, str(directory / "balcony.safetensors"))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+            directory / "trainer.pt",
+        )
+        (directory / "state.json").write_text(json.dumps(state, indent=2))
+    atomic_write_bytes(root / LATEST, name.encode())
+    for old in root.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return root / name
+
+
+def load_training_checkpoint(output_dir: Path, model: BalconyModel, optimizer, scheduler) -> dict:
+    root = output_dir / CHECKPOINTS
+    latest = root / LATEST
+    if not latest.is_file():
+        raise BadInputError(
+            f"--resume: {str(output_dir)!r} has no checkpoint to resume from; start the run without --resume"
+        )
+    directory = root / latest.read_text().strip()
+    model.load_balcony_state_dict(load_balcony_weights(directory / "balcony.safetensors"))
+    trainer = torch.load(directory / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    _set_rng_state(trainer["rng"])
+    return json.loads((directory / "state.json").read_text())
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint a resumed run starts from."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    atomic_write_bytes(path, ("\n".join(kept) + "\n").encode() if kept else b"")
+
+
+def _check_resumed_recipe(output_dir: Path, recipe: Recipe) -> None:
+    import yaml
+
+    saved = yaml.safe_load((output_dir / RECIPE_FILE).read_text())
+    current = recipe.to_dict()
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise BadInputError(
+            f"--resume: the recipe differs from the one the run started with ({details}); resume with the "
+            f"same settings (saved in {output_dir / RECIPE_FILE}) or start a new run with --overwrite"
+        )
+
+
+# The run.
+
+
+def _validate_request(request: TrainRequest):
+    """Check everything that can be checked before loading weights, so bad input fails fast."""
+    recipe = request.recipe
+    if recipe.exits is None:
+        raise BadInputError("--exits is missing: pass layer indices such as --exits 10,15,20, or a recipe with exits")
+    check_output_dir(request.output_dir, overwrite=request.overwrite, resume=request.resume)
+    if request.resume and not (request.output_dir / RECIPE_FILE).is_file():
+        raise BadInputError(
+            f"--resume: {str(request.output_dir)!r} holds no training run; start the run without --resume"
+        )
+    data = resolve_data(recipe.data)
+    source = resolve_model(request.model)
+    config = load_config(source)
+    check_decoder_only(config)
+    layout_for(config)
+    parse_exits(recipe.exits, config.num_hidden_layers)
+    eval_text = None
+    if request.perplexity:
+        eval_text = Path(recipe.eval_text) if recipe.eval_text else default_eval_text()
+        if eval_text is not None:
+            read_eval_text(eval_text)
+    if request.resume:
+        _check_resumed_recipe(request.output_dir, recipe)
+    return source, data, eval_text
+
+
+def train(request: TrainRequest, progress: Progress | None = None) -> TrainResult:
+    """Train the Balcony layers of `request.model` by self-distillation and save them."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader, RandomSampler
+    from transformers import get_cosine_schedule_with_warmup
+
+    recipe = request.recipe
+    output_dir = Path(request.output_dir)
+    source, data_source, eval_text = _validate_request(request)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=recipe.grad_accum_steps,
+        mixed_precision="bf16" if recipe.precision == "bf16" else "no",
+    )
+    is_main = accelerator.is_main_process
+    progress = progress if (progress is not None and is_main) else NoProgress()
+    set_seed(recipe.seed)
+    run_start = time.perf_counter()
+
+    if is_main and not request.resume:
+        if request.overwrite and output_dir.exists():
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(output_dir / RECIPE_FILE, recipe.to_yaml().encode())
+    accelerator.wait_for_everyone()
+    logger.info("resolved recipe:\n%s", recipe.to_yaml())
+
+    base = load_base_model(source).to(accelerator.device)
+    tokenizer = load_tokenizer(source)
+    fingerprint = fingerprint_weights(base)
+    model = BalconyModel(base, recipe.exits, init=recipe.init, seed=recipe.seed)
+    logger.info(
+        "base %s: %d layers, exits %s, %d trainable parameters",
+        source.spec,
+        model.num_layers,
+        model.exits,
+        sum(p.numel() for p in model.balcony_parameters()),
+    )
+
+    with accelerator.main_process_first():
+        train_blocks, val_blocks = build_splits(
+            data_source, tokenizer, recipe.seq_len, recipe.val_blocks, recipe.seed, recipe.text_field
+        )
+    logger.info("data: %d training blocks of %d tokens", len(train_blocks), recipe.seq_len)
+
+    windows = None
+    before = None
+    if eval_text is not None:
+        windows = perplexity_windows(tokenizer, read_eval_text(eval_text), recipe.ppl_tokens, recipe.ppl_window)
+        if is_main:
+            if request.resume and (output_dir / TABLE_BEFORE).is_file():
+                before = _table_from_dict(json.loads((output_dir / TABLE_BEFORE).read_text()))
+            else:
+                logger.info("perplexity before training on %s", eval_text)
+                before = perplexity_table(model, windows)
+                atomic_write_json(
+                    output_dir / TABLE_BEFORE,
+                    {"tokens": before.tokens, "full": before.full, "naive": before.naive, "exits": before.exits},
+                )
+
+    sample = train_blocks[: recipe.batch_size]["input_ids"].to(accelerator.device)
+    teacher_rate = teacher_tokens_per_second(model, sample)
+    logger.info("teacher-only forward: %.0f tokens/s", teacher_rate)
+
+    optimizer = torch.optim.AdamW(
+        model.balcony_parameters(), lr=recipe.lr, betas=recipe.adam_betas, weight_decay=recipe.weight_decay
+    )
+    warmup_steps = math.ceil(recipe.warmup_ratio * recipe.max_steps)
+    # The scheduler is not passed to accelerator.prepare: prepared schedulers step once per process
+    # per call, and this one must step once per optimiser step.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, recipe.max_steps)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    loader = DataLoader(
+        train_blocks,
+        batch_size=recipe.batch_size,
+        sampler=RandomSampler(train_blocks, generator=generator),
+        drop_last=True,
+    )
+    if len(loader) == 0:
+        raise BadInputError(
+            f"--batch-size {recipe.batch_size}: larger than the {len(train_blocks)} training blocks; lower it "
+            "or add text"
+        )
+
+    step, epoch, batch_in_epoch, train_tokens, train_seconds = 0, 0, 0, 0, 0.0
+    if request.resume:
+        state = load_training_checkpoint(output_dir, model, optimizer, scheduler)
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        train_tokens, train_seconds = state["train_tokens"], state["train_seconds"]
+        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        if is_main:
+            _truncate_metrics(output_dir / METRICS, step)
+        logger.info("resumed from step %d", step)
+
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    core = accelerator.unwrap_model(model)
+    weights = torch.tensor(recipe.weights(), device=accelerator.device)
+    params = core.balcony_parameters()
+    world_tokens = recipe.seq_len * recipe.batch_size * accelerator.num_processes
+    metrics_path = output_dir / METRICS
+    validation: dict[str, Any] = {}
+
+    def write_metrics(record: dict) -> None:
+        if is_main:
+            with metrics_path.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+
+    progress.start(recipe.max_steps, step)
+    model.train()
+    window_losses: list[torch.Tensor] = []
+    try:
+        while step < recipe.max_steps:
+            # The generator state at the start of an epoch fixes its order; a resume restores it.
+            epoch_generator_state = generator.get_state()
+            batches = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
+            tick = time.perf_counter()
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    out = model(batch["input_ids"], exit="all")
+                    losses = distillation_losses(
+                        core.head,
+                        out.full_hidden,
+                        [out.exit_hidden[k] for k in core.exits],
+                        temperature=recipe.temperature,
+                        chunk_tokens=recipe.loss_chunk_tokens,
+                    )
+                    loss = (weights * losses).sum()
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and recipe.grad_clip > 0:
+                        accelerator.clip_grad_norm_(params, recipe.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                batch_in_epoch += 1
+                train_tokens += world_tokens
+                window_losses.append(losses.detach())
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+                now = time.perf_counter()
+                train_seconds += now - tick
+                tick = now
+                mean_losses = accelerator.reduce(torch.stack(window_losses).mean(0), reduction="mean")
+                window_losses = []
+                record = {
+                    "step": step,
+                    "loss": float((weights * mean_losses).sum()),
+                    "kl": {k: float(mean_losses[i]) for i, k in enumerate(core.exits)},
+                    "lr": scheduler.get_last_lr()[0],
+                    "train_tokens": train_tokens,
+                    "tokens_per_s": train_tokens / max(train_seconds, 1e-9),
+                    "elapsed_s": time.perf_counter() - run_start,
+                }
+                progress.update(step, record)
+                if step % recipe.log_every == 0 or step == recipe.max_steps:
+                    write_metrics(record)
+                if val_blocks is not None and recipe.eval_every and step % recipe.eval_every == 0:
+                    if is_main:
+                        validation = {"step": step, **validate(core, val_blocks, recipe, recipe.batch_size)}
+                        write_metrics({"split": "validation", **validation})
+                        logger.info("step %d validation: %s", step, validation)
+                    accelerator.wait_for_everyone()
+                    tick = time.perf_counter()
+                if recipe.save_every and step % recipe.save_every == 0 and step < recipe.max_steps:
+                    if is_main:
+                        save_training_checkpoint(
+                            output_dir,
+                            core,
+                            optimizer,
+                            scheduler,
+                            {
+                                "step": step,
+                                "epoch": epoch,
+                                "batch_in_epoch": batch_in_epoch,
+                                "train_tokens": train_tokens,
+                                "train_seconds": train_seconds,
+                                "generator": epoch_generator_state.tolist(),
+                            },
+                        )
+                    accelerator.wait_for_everyone()
+                    tick = time.perf_counter()
+                if step >= recipe.max_steps:
+                    break
+            else:
+                epoch += 1
+                batch_in_epoch = 0
+    finally:
+        progress.stop()
+
+    core.eval()
+    if is_main and val_blocks is not None and validation.get("step") != step:
+        validation = {"step": step, **validate(core, val_blocks, recipe, recipe.batch_size)}
+        write_metrics({"split": "validation", **validation})
+
+    after = None
+    if is_main:
+        training = {
+            "recipe": recipe.to_dict(),
+            "steps": step,
+            "train_tokens": train_tokens,
+            "data": data_source.spec,
+        }
+        save_balcony(output_dir, core, balcony_config(core, source, fingerprint, trained=True, training=training))
+        if windows is not None:
+            logger.info("perplexity after training on %s", eval_text)
+            after = perplexity_table(core, windows, full=False, naive=False)
+    accelerator.wait_for_everyone()
+
+    result = TrainResult(
+        output_dir=output_dir,
+        exits=core.exits,
+        num_layers=core.num_layers,
+        steps=step,
+        train_tokens=train_tokens,
+        train_tokens_per_s=train_tokens / max(train_seconds, 1e-9),
+        teacher_tokens_per_s=teacher_rate,
+        elapsed_s=time.perf_counter() - run_start,
+        eval_text=str(eval_text) if eval_text is not None else None,
+        before=before,
+        after=after,
+        validation=validation,
+        base_fingerprint=fingerprint,
+    )
+    if is_main:
+        atomic_write_json(output_dir / SUMMARY, result.to_dict())
+    return result
+

@@ -1,0 +1,49 @@
+"""Fixtures: tiny random models of every supported layout, built in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig
+from transformers import Qwen2Config, Qwen3Config
+
+VOCAB = 96
+NUM_LAYERS = 4
+
+
+def tiny_config(model_type: str):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
+                  num_attention_heads=4, max_position_embeddings=256)
+    if model_type == "llama":
+        return LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if model_type == "mistral":
+        return MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    if model_type == "qwen2":
+        return Qwen2Config(num_key_value_heads=2, **common)
+    if model_type == "qwen3":
+        return Qwen3Config(num_key_value_heads=2, head_dim=8, **common)
+    if model_type == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_positions=256)
+    if model_type == "gpt_neox":
+        return GPTNeoXConfig(**common)
+    raise ValueError(model_type)
+
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_config(model_type)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    # from_config leaves the norms at ones; random norm weights make a test notice a swapped norm.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                param.normal_(1.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(params=MODEL_TYPES)
+def model_type(request) -> str:
+    return request.param
