@@ -67,7 +67,7 @@ def _handle_errors(command):
         except BalconyError as error:
             if _state["debug"]:
                 raise
-            error_console.print(f"[red]error:[/red] {error}", highlight=False)
+            error_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             error_console.print("[red]interrupted[/red]")
@@ -78,6 +78,7 @@ def _handle_errors(command):
             error_console.print(
                 f"[red]error:[/red] {type(error).__name__}: {error} (rerun with --debug for a traceback)",
                 highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(1) from None
 
@@ -231,7 +232,7 @@ def train(
     from balcony_cli.train import train as run_training
 
     overrides = {
-        "exits": parse_exits(exits) if exits else None,
+        "exits": parse_exits(exits) if exits is not None else None,
         "data": data,
         "init": init,
         "max_steps": max_steps,

@@ -117,9 +117,8 @@ def build_splits(source: DataSource, tokenizer, seq_len: int, val_blocks: int, s
     blocks = pack_blocks(load_text_dataset(source, text_field), tokenizer, seq_len)
     minimum = 1 + (1 if val_blocks > 0 else 0)
     if len(blocks) < minimum:
-        total = sum(len(ids) for ids in tokenizer(
-            load_text_dataset(source, text_field)["text"], add_special_tokens=False, verbose=False
-        )["input_ids"])
+        texts = list(load_text_dataset(source, text_field)["text"])
+        total = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"])
         raise BadInputError(
             f"--data {source.spec!r}: the corpus has {total} tokens, fewer than the {minimum} block(s) of "
             f"seq_len={seq_len} tokens that training needs (one is held out for validation); add text or "

@@ -98,9 +98,9 @@ def naive_distillation_losses(
     attention_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """The same losses as `distillation_losses`, with every exit's full logits held by autograd.
+    """Compute the same losses as `distillation_losses`, letting autograd hold every exit's full logits.
 
-    A reference for tests and the memory benchmark; training uses the chunked version.
+    This is the reference for tests and the memory benchmark; training uses the chunked version.
     """
     with torch.no_grad():
         teacher_logits = head(teacher_hidden)

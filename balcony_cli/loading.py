@@ -40,7 +40,7 @@ ENCODER_ONLY_TYPES = {
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a base model comes from, in a form that can be written to JSON and resolved again."""
+    """Location of a base model, in a form that can be written to JSON and resolved again."""
 
     spec: str
     """The MODEL argument as the user gave it (recorded in balcony_config.json)."""

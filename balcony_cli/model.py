@@ -123,6 +123,9 @@ class BalconyModel(nn.Module):
 
         self.exit_layers = nn.ModuleDict(exit_layers)
         self.exit_norms = nn.ModuleDict(exit_norms)
+        # The norm copies inherit requires_grad=False from the frozen base.
+        self.exit_layers.requires_grad_(True)
+        self.exit_norms.requires_grad_(True)
         # Like transformers' from_pretrained, start in eval mode; the trainer switches to train mode.
         self.eval()
         # Views are plain attributes, not submodules, so that state_dict() and parameters() see each
@@ -212,7 +215,7 @@ class BalconyModel(nn.Module):
 
         Other keyword arguments (attention_mask, cache, use_cache, labels, ...) go to the model as is.
         `exit="all"` returns `forward_all(input_ids, **kwargs)` instead: training calls it that way so
-        that a DistributedDataParallel wrapper sees the pass.
+        that a DistributedDataParallel wrapper records the pass.
         """
         if exit == "all":
             return self.forward_all(input_ids, **kwargs)

@@ -56,7 +56,7 @@ RESUMABLE_CHANGES = {"max_steps", "eval_every", "save_every", "log_every", "note
 
 
 class Progress(Protocol):
-    """What the trainer reports to a progress display; the CLI supplies a rich one on terminals."""
+    """Progress display interface for the trainer; the CLI passes a rich progress bar on terminals."""
 
     def start(self, total_steps: int, completed_steps: int) -> None: ...
 
@@ -277,7 +277,7 @@ def _validate_request(request: TrainRequest):
     check_output_dir(request.output_dir, overwrite=request.overwrite, resume=request.resume)
     if request.resume and not (request.output_dir / RECIPE_FILE).is_file():
         raise BadInputError(
-            f"--resume: {str(request.output_dir)!r} holds no training run; start the run without --resume"
+            f"--resume: {str(request.output_dir)!r} contains no training run; start the run without --resume"
         )
     data = resolve_data(recipe.data)
     source = resolve_model(request.model)
@@ -315,16 +315,28 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
     set_seed(recipe.seed)
     run_start = time.perf_counter()
 
+    logger.info("resolved recipe:\n%s", recipe.to_yaml())
+    tokenizer = load_tokenizer(source)
+    # Data problems (such as a corpus shorter than one block) surface here, before anything is written.
+    with accelerator.main_process_first():
+        train_blocks, val_blocks = build_splits(
+            data_source, tokenizer, recipe.seq_len, recipe.val_blocks, recipe.seed, recipe.text_field
+        )
+    logger.info("data: %d training blocks of %d tokens", len(train_blocks), recipe.seq_len)
+    if len(train_blocks) < recipe.batch_size:
+        raise BadInputError(
+            f"--batch-size {recipe.batch_size}: larger than the {len(train_blocks)} training blocks; lower it "
+            "or add text"
+        )
+
     if is_main and not request.resume:
         if request.overwrite and output_dir.exists():
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(output_dir / RECIPE_FILE, recipe.to_yaml().encode())
     accelerator.wait_for_everyone()
-    logger.info("resolved recipe:\n%s", recipe.to_yaml())
 
     base = load_base_model(source).to(accelerator.device)
-    tokenizer = load_tokenizer(source)
     fingerprint = fingerprint_weights(base)
     model = BalconyModel(base, recipe.exits, init=recipe.init, seed=recipe.seed)
     logger.info(
@@ -334,12 +346,6 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
         model.exits,
         sum(p.numel() for p in model.balcony_parameters()),
     )
-
-    with accelerator.main_process_first():
-        train_blocks, val_blocks = build_splits(
-            data_source, tokenizer, recipe.seq_len, recipe.val_blocks, recipe.seed, recipe.text_field
-        )
-    logger.info("data: %d training blocks of %d tokens", len(train_blocks), recipe.seq_len)
 
     windows = None
     before = None
@@ -374,11 +380,6 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
         sampler=RandomSampler(train_blocks, generator=generator),
         drop_last=True,
     )
-    if len(loader) == 0:
-        raise BadInputError(
-            f"--batch-size {recipe.batch_size}: larger than the {len(train_blocks)} training blocks; lower it "
-            "or add text"
-        )
 
     step, epoch, batch_in_epoch, train_tokens, train_seconds = 0, 0, 0, 0, 0.0
     if request.resume:

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig
 from transformers import Qwen2Config, Qwen3Config
 
-VOCAB = 96
+VOCAB = 100
 NUM_LAYERS = 4
 
 
@@ -47,3 +47,47 @@ def tiny_model(model_type: str = "llama", seed: int = 0):
 @pytest.fixture(params=MODEL_TYPES)
 def model_type(request) -> str:
     return request.param
+
+
+def char_tokenizer():
+    """A character-level tokenizer over printable ASCII, built in memory (no hub download)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(code): code - 32 for code in range(32, 127)}
+    for token in ("\n", "<eos>", "<unk>", "<pad>"):
+        vocab[token] = len(vocab)
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random Llama saved as a local Hugging Face directory, with a tokenizer."""
+    directory = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    """A few kilobytes of text in two files."""
+    directory = tmp_path / "corpus"
+    directory.mkdir()
+    sentences = [f"The {i}th fox jumps over {i % 7} lazy dogs near river {i % 5}.\n" for i in range(120)]
+    (directory / "a.txt").write_text("".join(sentences[:60]))
+    (directory / "b.txt").write_text("".join(sentences[60:]))
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    """Keep every test off the network: hub ids fail at once, as on an offline machine."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from balcony_cli.errors import BadInputError
+from balcony_cli.recipe import Recipe, load_recipe, recipe_from_dict
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_folder_not_empty():
+    names = {p.name for p in RECIPES}
+    assert {"smollm2-135m-cpu.yaml", "smollm2-135m-quick.yaml", "llama3-8b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.exits
+    assert recipe.exits == sorted(recipe.exits)
+
+
+def test_shipped_recipe_values():
+    root = Path(__file__).parents[1] / "recipes"
+    assert load_recipe(root / "smollm2-135m-cpu.yaml").exits == [10, 15, 20]
+    assert load_recipe(root / "smollm2-135m-quick.yaml").exits == [10, 15, 20]
+    llama = load_recipe(root / "llama3-8b.yaml")
+    assert llama.exits == [15, 18, 21]
+    assert llama.seq_len == 4096
+    assert llama.lr == 5e-4
+    assert llama.warmup_ratio == 0.01
+
+
+def test_unknown_key_names_closest(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("exits: [1]\nwarmup_ratoi: 0.1\n")
+    with pytest.raises(BadInputError, match="'warmup_ratoi'; did you mean 'warmup_ratio'"):
+        load_recipe(path)
+
+
+def test_wrong_type_rejected():
+    with pytest.raises(BadInputError, match="max_steps"):
+        recipe_from_dict({"max_steps": "ten"})
+    with pytest.raises(BadInputError, match="precision"):
+        recipe_from_dict({"precision": "fp8"})
+
+
+def test_invalid_values_all_reported():
+    with pytest.raises(BadInputError) as error:
+        Recipe(lr=-1.0, seq_len=0)
+    assert "lr" in str(error.value)
+    assert "seq_len" in str(error.value)
+
+
+def test_overrides_win_and_roundtrip(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("exits: [2, 1]\nlr: 0.01\nmax_steps: 5\n")
+    recipe = load_recipe(path, {"lr": 0.5, "max_steps": None})
+    assert recipe.lr == 0.5
+    assert recipe.max_steps == 5
+    assert recipe.exits == [1, 2]
+    again = recipe_from_dict(yaml.safe_load(recipe.to_yaml()))
+    assert again == recipe
+
+
+def test_missing_recipe_file():
+    with pytest.raises(BadInputError, match="not found"):
+        load_recipe("no-such-recipe.yaml")
