@@ -50,6 +50,17 @@ def _main(
         raise typer.Exit(0)
     _state["debug"] = debug
     _setup_logging(debug)
+    if not console.is_terminal:
+        _disable_library_progress_bars()
+
+
+def _disable_library_progress_bars() -> None:
+    """Silence the tqdm bars of transformers and datasets, which write to stderr even in scripts."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _handle_errors(command):
@@ -109,6 +120,16 @@ def _json_document(settings: dict[str, Any], fingerprint: str | None, **body: An
         "base_fingerprint": fingerprint,
         **body,
     }
+
+
+def _parse_exits_for(model: str, text: str) -> list[int]:
+    """Parse --exits; "all" reads the model's config for its layer count."""
+    from balcony_cli.loading import load_config, resolve_model
+    from balcony_cli.model import parse_exits
+
+    if text.strip() != "all":
+        return parse_exits(text)
+    return parse_exits("all", load_config(resolve_model(model)).num_hidden_layers)
 
 
 class RichTrainingProgress:
@@ -182,12 +203,8 @@ def insert(
 ) -> None:
     """Add untrained Balcony layers to a base model and save only those layers."""
     from balcony_cli.insert import insert as insert_exits
-    from balcony_cli.loading import load_config, resolve_model
-    from balcony_cli.model import parse_exits
 
-    exit_list = None if exits.strip() == "all" else parse_exits(exits)
-    if exit_list is None:
-        exit_list = parse_exits("all", load_config(resolve_model(model)).num_hidden_layers)
+    exit_list = _parse_exits_for(model, exits)
     document = insert_exits(model, exit_list, output, init=init, overwrite=overwrite)
     if json_path:
         _write_json(json_path, _json_document({"model": model, "exits": exit_list, "init": init,
@@ -226,13 +243,12 @@ def train(
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the run summary as JSON ('-': stdout)."),
 ) -> None:
     """Train the Balcony layers by self-distillation from the full model, then print a perplexity table."""
-    from balcony_cli.model import parse_exits
     from balcony_cli.recipe import load_recipe
     from balcony_cli.train import TrainRequest
     from balcony_cli.train import train as run_training
 
     overrides = {
-        "exits": parse_exits(exits) if exits is not None else None,
+        "exits": _parse_exits_for(model, exits) if exits is not None else None,
         "data": data,
         "init": init,
         "max_steps": max_steps,
@@ -257,7 +273,7 @@ def train(
     )
     show_progress = console.is_terminal and json_path != "-"
     result = run_training(request, progress=RichTrainingProgress() if show_progress else None)
-    if result is None:
+    if not result.is_main_process:
         return
     if json_path:
         _write_json(

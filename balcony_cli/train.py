@@ -102,6 +102,8 @@ class TrainResult:
     after: PerplexityTable | None
     validation: dict[str, Any] = field(default_factory=dict)
     base_fingerprint: str = ""
+    is_main_process: bool = True
+    """False on the other ranks of a multi-process run, whose results the CLI does not print."""
 
     def to_dict(self) -> dict[str, Any]:
         def table(t: PerplexityTable | None):
@@ -311,6 +313,10 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
         mixed_precision="bf16" if recipe.precision == "bf16" else "no",
     )
     is_main = accelerator.is_main_process
+    if not is_main:
+        # Other ranks log warnings only, so that N processes do not print every line N times.
+        # (accelerate's get_logger would do this too, but prefixes "[RANK 0]" even in one process.)
+        logging.getLogger("balcony_cli").setLevel(logging.WARNING)
     progress = progress if (progress is not None and is_main) else NoProgress()
     set_seed(recipe.seed)
     run_start = time.perf_counter()
@@ -519,6 +525,7 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
         after=after,
         validation=validation,
         base_fingerprint=fingerprint,
+        is_main_process=is_main,
     )
     if is_main:
         atomic_write_json(output_dir / SUMMARY, result.to_dict())

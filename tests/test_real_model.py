@@ -71,6 +71,18 @@ def test_smollm2_alias_resolves_to_packaged_gguf():
     assert (Path(source.path) / source.gguf_file).is_file()
 
 
+@requires_smollm2
+def test_gguf_path_resolves(tmp_path):
+    from balcony_cli.loading import resolve_model
+
+    alias = resolve_model("smollm2-135m")
+    gguf = Path(alias.path) / alias.gguf_file
+    source = resolve_model(str(gguf))
+    assert source.kind == "gguf"
+    assert source.gguf_file == gguf.name
+    assert source.path == str(gguf.parent)
+
+
 def test_missing_smollm2_package_gives_install_command(monkeypatch):
     from balcony_cli import loading
     from balcony_cli.errors import BadInputError

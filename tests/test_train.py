@@ -175,3 +175,14 @@ def test_jsonl_data_with_text_field(tmp_path):
     assert len(train_blocks) > 0
     with pytest.raises(BadInputError, match="no column 'text'"):
         build_splits(resolve_data(str(path)), char_tokenizer(), 16, 2, seed=0)
+
+
+def test_bf16_training_runs(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, precision="bf16", max_steps=2, eval_every=0, save_every=0)
+    result = train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, perplexity=False))
+    assert result.steps == 2
+    losses = read_losses(output)
+    assert all(0 < loss < 100 for _, loss in losses)
+    weights = load_file(str(output / WEIGHTS_NAME))
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())
