@@ -300,6 +300,7 @@ def _validate_request(request: TrainRequest):
 def train(request: TrainRequest, progress: Progress | None = None) -> TrainResult:
     """Train the Balcony layers of `request.model` by self-distillation and save them."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader, RandomSampler
     from transformers import get_cosine_schedule_with_warmup
@@ -308,10 +309,14 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
     output_dir = Path(request.output_dir)
     source, data_source, eval_text = _validate_request(request)
 
-    accelerator = Accelerator(
-        gradient_accumulation_steps=recipe.grad_accum_steps,
-        mixed_precision="bf16" if recipe.precision == "bf16" else "no",
-    )
+    mixed_precision = "bf16" if recipe.precision == "bf16" else "no"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision:
+        # accelerate keeps one state per process and rejects a second Accelerator with another
+        # precision. train() can run twice in one process (notebooks, tests), so drop the old
+        # settings; the process group in PartialState is kept. _reset_state is private (accelerate 1.16).
+        AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(gradient_accumulation_steps=recipe.grad_accum_steps, mixed_precision=mixed_precision)
     is_main = accelerator.is_main_process
     if not is_main:
         # Other ranks log warnings only, so that N processes do not print every line N times.
