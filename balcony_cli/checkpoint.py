@@ -69,6 +69,17 @@ def fingerprint_weights(model: torch.nn.Module) -> str:
 # Atomic writes.
 
 
+def _default_file_mode(directory: bool = False) -> int:
+    """Return the mode a plain open() or mkdir() would give, under the process umask.
+
+    tempfile creates files as 0600 and directories as 0700; renamed into place as is, outputs
+    would be unreadable to other users.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that a reader sees either the old content or the new, never a partial file."""
     path = Path(path)
@@ -79,6 +90,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, _default_file_mode())
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -101,6 +113,7 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_dir(target, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(temporary, _default_file_mode(directory=True))
     try:
         yield temporary
         if target.exists():
@@ -174,6 +187,7 @@ def save_balcony(directory: Path, model: BalconyModel, config: dict) -> None:
     os.close(handle)
     try:
         save_file(state, temporary, metadata={"format": "pt", "exits": ",".join(map(str, model.exits))})
+        os.chmod(temporary, _default_file_mode())
         os.replace(temporary, directory / WEIGHTS_NAME)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -213,6 +227,18 @@ def load_balcony_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from error
 
 
+def base_source(config: dict) -> ModelSource:
+    """Return where the base model of a balcony_config.json document is.
+
+    The built-in alias is resolved again, because the installed package may have moved.
+    """
+    base = config["base_model"]
+    source = ModelSource(spec=base["spec"], kind=base["kind"], path=base["path"], gguf_file=base["gguf_file"])
+    if source.kind == "alias":
+        source = resolve_model(source.spec)
+    return source
+
+
 def load_balcony(
     directory: Path,
     dtype: torch.dtype = torch.float32,
@@ -221,12 +247,7 @@ def load_balcony(
     """Load a Balcony checkpoint and its base model; return the model (in eval mode) and its config."""
     directory = Path(directory)
     config = read_balcony_config(directory)
-    base_info = config["base_model"]
-    source = ModelSource(
-        spec=base_info["spec"], kind=base_info["kind"], path=base_info["path"], gguf_file=base_info["gguf_file"]
-    )
-    if source.kind == "alias":
-        source = resolve_model(source.spec)
+    source = base_source(config)
     base = load_base_model(source, dtype=dtype)
     fingerprint = fingerprint_weights(base)
     if fingerprint != config["base_fingerprint"]:

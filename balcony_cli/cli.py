@@ -298,6 +298,53 @@ def train(
     )
 
 
+@app.command()
+@_handle_errors
+def export(
+    checkpoint: Path = typer.Option(DEFAULT_OUTPUT, "--checkpoint", "-c", help="Balcony checkpoint directory."),
+    exit: str = typer.Option(..., "--exit", help="Exit to export (a layer index), or 'all' for one subfolder each."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write the exported model to."),
+    format: str = typer.Option("hf", "--format", help="Output format: hf (a Hugging Face model directory)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    allow_base_mismatch: bool = typer.Option(
+        False, "--allow-base-mismatch", help="Load the checkpoint even if the base weights differ from training."
+    ),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write what was exported as JSON ('-': stdout)."),
+) -> None:
+    """Export one exit as a plain model of the base's architecture that transformers loads without Balcony."""
+    from balcony_cli.checkpoint import read_balcony_config
+    from balcony_cli.export import export as export_exits
+
+    exit_value: int | str = exit.strip()
+    if exit_value != "all":
+        try:
+            exit_value = int(exit_value)
+        except ValueError:
+            raise BadInputError(f"--exit {exit!r}: expected a layer index such as 20, or 'all'") from None
+    if json_path and json_path != "-" and Path(json_path).exists() and not overwrite:
+        raise BadInputError(f"--json {json_path!r}: the file exists; pass --overwrite or choose another path")
+    results = export_exits(checkpoint, exit_value, output, format=format, overwrite=overwrite,
+                           allow_base_mismatch=allow_base_mismatch)
+    rows = [
+        {"exit": r.exit, "directory": str(r.directory), "num_layers": r.num_layers, "parameters": r.parameters,
+         "full_parameters": r.full_parameters, "trained": r.trained}
+        for r in results
+    ]
+    if json_path:
+        settings = {"checkpoint": str(checkpoint), "exit": exit_value, "output": str(output), "format": format}
+        fingerprint = read_balcony_config(checkpoint)["base_fingerprint"]
+        _write_json(json_path, _json_document(settings, fingerprint, exports=rows), overwrite)
+    if json_path == "-":
+        return
+    table = Table(title=f"Exported from {checkpoint}")
+    for column in ("exit", "directory", "layers", "parameters", "of full model"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row["exit"]), row["directory"], str(row["num_layers"]), f"{row['parameters']:,}",
+                      f"{row['parameters'] / row['full_parameters']:.0%}")
+    console.print(table)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

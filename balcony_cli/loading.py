@@ -207,9 +207,28 @@ def load_base_model(source: ModelSource, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     except OSError as error:
         raise BadInputError(f"model {source.spec!r}: could not load its weights ({error})") from error
+    if source.gguf_file is not None:
+        _drop_dequantized_gguf_marker(model)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _drop_dequantized_gguf_marker(model) -> None:
+    """Unmark a GGUF model whose tensors transformers has dequantised into plain float weights.
+
+    transformers 5.25 keeps its GGUF quantizer attached even when it took the dequantising path,
+    and save_pretrained then rejects the model as "quantized with gguf". The mark is dropped only
+    when every parameter is a floating-point tensor, so a model left in GGUF blocks keeps it.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or getattr(quantizer, "supported", True):
+        return
+    if not all(param.is_floating_point() for param in model.parameters()):
+        return
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def load_tokenizer(source: ModelSource):
