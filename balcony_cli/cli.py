@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +21,7 @@ from rich.table import Table
 
 from balcony_cli import __version__
 from balcony_cli.errors import BadInputError, BalconyError
+from balcony_cli.recipe import Recipe
 
 app = typer.Typer(
     help="Add trained early exits (Balcony layers) to a frozen decoder-only language model.",
@@ -32,6 +35,7 @@ logger = logging.getLogger("balcony_cli")
 _state = {"debug": False}
 
 DEFAULT_OUTPUT = Path("balcony-out")
+RECIPE_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Recipe)}
 
 
 def _setup_logging(debug: bool) -> None:
@@ -40,14 +44,19 @@ def _setup_logging(debug: bool) -> None:
     logging.getLogger("balcony_cli").setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(__version__)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
+    ),
 ) -> None:
-    if version:
-        console.print(__version__)
-        raise typer.Exit(0)
     _state["debug"] = debug
     _setup_logging(debug)
     if not console.is_terminal:
@@ -55,7 +64,11 @@ def _main(
 
 
 def _disable_library_progress_bars() -> None:
-    """Silence the tqdm bars of transformers and datasets, which write to stderr even in scripts."""
+    """Silence the tqdm bars of transformers, datasets and the GGUF loader, which write to stderr.
+
+    tqdm reads TQDM_DISABLE when it is imported, so it is set before transformers is imported.
+    """
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import datasets
     import transformers
 
@@ -66,7 +79,7 @@ def _disable_library_progress_bars() -> None:
 def _handle_errors(command):
     """Turn typed errors into one red line and an exit code: 2 for bad input, 1 for other failures.
 
-    --debug re-raises so that the traceback shows.
+    --debug prints the traceback first and keeps the exit code.
     """
 
     @functools.wraps(command)
@@ -77,7 +90,7 @@ def _handle_errors(command):
             raise
         except BalconyError as error:
             if _state["debug"]:
-                raise
+                traceback.print_exc()
             error_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
@@ -85,11 +98,10 @@ def _handle_errors(command):
             raise typer.Exit(130) from None
         except Exception as error:
             if _state["debug"]:
-                raise
+                traceback.print_exc()
+            hint = "" if _state["debug"] else " (rerun with --debug for a traceback)"
             error_console.print(
-                f"[red]error:[/red] {type(error).__name__}: {error} (rerun with --debug for a traceback)",
-                highlight=False,
-                soft_wrap=True,
+                f"[red]error:[/red] {type(error).__name__}: {error}{hint}", highlight=False, soft_wrap=True
             )
             raise typer.Exit(1) from None
 
@@ -120,6 +132,18 @@ def _json_document(settings: dict[str, Any], fingerprint: str | None, **body: An
         "base_fingerprint": fingerprint,
         **body,
     }
+
+
+def _absolute_if_local(path: str | None) -> str | None:
+    """Make an existing local path absolute, so that --resume works from any working directory."""
+    if path is None or not Path(path).expanduser().exists():
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _recipe_help(field: str, text: str) -> str:
+    """Help text for a flag that overrides a recipe field, with the field's default."""
+    return f"{text}. Overrides the recipe; default {RECIPE_DEFAULTS[field]}."
 
 
 def _parse_exits_for(model: str, text: str) -> list[int]:
@@ -167,11 +191,14 @@ def _format_ppl(value: float | None) -> str:
         return "-"
     if value == float("inf"):
         return "inf"
-    return f"{value:.4g}" if value < 1e5 else f"{value:.2e}"
+    return f"{value:,.1f}" if value < 1e5 else f"{value:.2e}"
 
 
 def perplexity_rich_table(result) -> Table:
-    table = Table(title=f"Perplexity on {result.eval_text} ({result.before.tokens} predicted tokens)")
+    table = Table(
+        title=f"Perplexity on {result.eval_text}\n({result.before.tokens:,} predicted tokens: every token but "
+        "the first of each window)"
+    )
     table.add_column("row")
     table.add_column("layers run", justify="right")
     table.add_column("naive early exit", justify="right")
@@ -218,27 +245,47 @@ def insert(
 @_handle_errors
 def train(
     model: str = typer.Argument(..., help="Base model: smollm2-135m, a .gguf file, a local directory or a hub id."),
-    exits: Optional[str] = typer.Option(None, "--exits", help="Comma-separated layer indices; overrides the recipe."),
+    exits: Optional[str] = typer.Option(
+        None, "--exits", help="Comma-separated layer indices (1-based), or 'all'; overrides the recipe."
+    ),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe file (see recipes/)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Training text: files, folders, globs or a hub dataset id."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Training text: .txt/.jsonl/.parquet files, folders, globs, or a hub dataset id."
+    ),
     output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "-o", help="Output directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output directory."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
-    init: Optional[str] = typer.Option(None, "--init", help="copy-last or random."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimiser steps."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Blocks per micro-batch per process."),
-    grad_accum_steps: Optional[int] = typer.Option(None, "--grad-accum-steps", help="Micro-batches per step."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per training block."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between validation passes."),
-    eval_text: Optional[str] = typer.Option(
-        None, "--eval-text", help="Text file for the perplexity table (default: $BALCONY_DATA_DIR/wikitext2_raw)."
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing output directory and start over."),
+    init: Optional[str] = typer.Option(None, "--init", help=_recipe_help("init", "Balcony layer initialisation")),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_recipe_help("max_steps", "Optimiser steps")),
+    lr: Optional[float] = typer.Option(None, "--lr", help=_recipe_help("lr", "Peak AdamW learning rate")),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help=_recipe_help("batch_size", "Blocks per micro-batch on each process")
     ),
-    ppl_tokens: Optional[int] = typer.Option(None, "--ppl-tokens", help="Tokens scored for perplexity."),
-    ppl_window: Optional[int] = typer.Option(None, "--ppl-window", help="Perplexity window in tokens."),
+    grad_accum_steps: Optional[int] = typer.Option(
+        None, "--grad-accum-steps", help=_recipe_help("grad_accum_steps", "Micro-batches per optimiser step")
+    ),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help=_recipe_help("seq_len", "Tokens per training block")),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help=_recipe_help("precision", "fp32, or bf16 autocast")
+    ),
+    seed: Optional[int] = typer.Option(None, "--seed", help=_recipe_help("seed", "Random seed")),
+    save_every: Optional[int] = typer.Option(
+        None, "--save-every", help=_recipe_help("save_every", "Steps between checkpoints")
+    ),
+    eval_every: Optional[int] = typer.Option(
+        None, "--eval-every", help=_recipe_help("eval_every", "Steps between validation passes (0: at the end only)")
+    ),
+    eval_text: Optional[str] = typer.Option(
+        None,
+        "--eval-text",
+        help="Text file for the perplexity table. Default: wikitext2_raw/wiki.test.raw under $BALCONY_DATA_DIR.",
+    ),
+    ppl_tokens: Optional[int] = typer.Option(
+        None, "--ppl-tokens", help=_recipe_help("ppl_tokens", "Tokens of the eval text scored for perplexity")
+    ),
+    ppl_window: Optional[int] = typer.Option(
+        None, "--ppl-window", help=_recipe_help("ppl_window", "Perplexity window, in tokens")
+    ),
     no_perplexity: bool = typer.Option(False, "--no-perplexity", help="Skip the before/after perplexity table."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the run summary as JSON ('-': stdout)."),
 ) -> None:
@@ -249,7 +296,7 @@ def train(
 
     overrides = {
         "exits": _parse_exits_for(model, exits) if exits is not None else None,
-        "data": data,
+        "data": _absolute_if_local(data),
         "init": init,
         "max_steps": max_steps,
         "lr": lr,
@@ -260,7 +307,7 @@ def train(
         "seed": seed,
         "save_every": save_every,
         "eval_every": eval_every,
-        "eval_text": eval_text,
+        "eval_text": _absolute_if_local(eval_text),
         "ppl_tokens": ppl_tokens,
         "ppl_window": ppl_window,
     }
@@ -282,19 +329,21 @@ def train(
                            result.base_fingerprint, **result.to_dict()),
             overwrite,
         )
-    if json_path == "-":
-        return
+    # With --json -, stdout carries only the JSON document, so the human-readable report goes to stderr.
+    report = error_console if json_path == "-" else console
     if result.before is not None:
-        console.print(perplexity_rich_table(result))
+        report.print(perplexity_rich_table(result))
     elif request.perplexity:
-        console.print(
+        report.print(
             "No perplexity table: no eval text found. Pass --eval-text FILE or set BALCONY_DATA_DIR to a folder "
-            "with wikitext2_raw/wiki.test.raw."
+            "with wikitext2_raw/wiki.test.raw.",
+            soft_wrap=True,
         )
-    console.print(
+    report.print(
         f"Trained {result.steps} steps on {result.train_tokens:,} tokens: {result.train_tokens_per_s:.0f} "
         f"training tokens/s; teacher-only forward {result.teacher_tokens_per_s:.0f} tokens/s. "
-        f"Saved to {result.output_dir}."
+        f"Saved to {result.output_dir}.",
+        soft_wrap=True,
     )
 
 

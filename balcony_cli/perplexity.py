@@ -34,6 +34,8 @@ def default_eval_text() -> Path | None:
 
 def read_eval_text(path: str | Path) -> str:
     path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"--eval-text {str(path)!r}: is a directory; pass a text file, such as wiki.test.raw")
     if not path.is_file():
         raise BadInputError(f"--eval-text {str(path)!r}: file not found. Check the path.")
     text = path.read_text(encoding="utf-8").replace("\r\n", "\n")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from balcony_cli.errors import BadInputError
-from balcony_cli.model import INIT_CHOICES, parse_exits
+from balcony_cli.exits import INIT_CHOICES, parse_exits
 
 
 @dataclass
@@ -78,23 +78,23 @@ class Recipe:
         if self.exits is not None:
             self.exits = parse_exits(list(self.exits))
         if self.init not in INIT_CHOICES:
-            errors.append(f"init {self.init!r}: expected one of {', '.join(INIT_CHOICES)}")
+            errors.append(f"{_label('init')} {self.init!r}: expected one of {', '.join(INIT_CHOICES)}")
         for name in ("seq_len", "batch_size", "grad_accum_steps", "max_steps", "loss_chunk_tokens", "ppl_window"):
             if getattr(self, name) < 1:
-                errors.append(f"{name} {getattr(self, name)}: must be a positive integer")
+                errors.append(f"{_label(name)} {getattr(self, name)}: must be a positive integer")
         if self.seq_len < 2:
-            errors.append(f"seq_len {self.seq_len}: must be at least 2")
+            errors.append(f"{_label('seq_len')} {self.seq_len}: must be at least 2")
         for name in ("val_blocks", "eval_every", "save_every", "log_every", "ppl_tokens"):
             if getattr(self, name) < 0:
-                errors.append(f"{name} {getattr(self, name)}: must not be negative")
+                errors.append(f"{_label(name)} {getattr(self, name)}: must not be negative")
         if not self.lr > 0:
-            errors.append(f"lr {self.lr}: must be positive")
+            errors.append(f"{_label('lr')} {self.lr}: must be positive")
         if not 0 <= self.warmup_ratio < 1:
-            errors.append(f"warmup_ratio {self.warmup_ratio}: must lie in [0, 1)")
+            errors.append(f"{_label('warmup_ratio')} {self.warmup_ratio}: must lie in [0, 1)")
         if not self.temperature > 0:
-            errors.append(f"temperature {self.temperature}: must be positive")
+            errors.append(f"{_label('temperature')} {self.temperature}: must be positive")
         if self.precision not in ("fp32", "bf16"):
-            errors.append(f"precision {self.precision!r}: expected fp32 or bf16")
+            errors.append(f"{_label('precision')} {self.precision!r}: expected fp32 or bf16")
         if self.exit_weights is not None:
             if self.exits is not None and len(self.exit_weights) != len(self.exits):
                 errors.append(
@@ -121,6 +121,25 @@ class Recipe:
 
 
 RECIPE_FIELDS = [f.name for f in fields(Recipe)]
+# Names used by other trainers (transformers' TrainingArguments, torchtune), mapped to ours.
+SYNONYMS = {
+    "learning_rate": "lr",
+    "steps": "max_steps",
+    "num_steps": "max_steps",
+    "block_size": "seq_len",
+    "max_seq_len": "seq_len",
+    "sequence_length": "seq_len",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "per_device_train_batch_size": "batch_size",
+    "warmup": "warmup_ratio",
+    "max_grad_norm": "grad_clip",
+    "dataset": "data",
+}
+
+
+def _label(name: str) -> str:
+    """Name a recipe field the way a user may have set it: as a recipe key or a command-line flag."""
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 def _check_type(name: str, value: Any) -> Any:
@@ -135,7 +154,7 @@ def _check_type(name: str, value: Any) -> Any:
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
         if value not in args:
-            raise BadInputError(f"recipe field {name} = {value!r}: expected one of {', '.join(map(str, args))}")
+            raise BadInputError(f"{_label(name)} {value!r}: expected one of {', '.join(map(str, args))}")
         return value
     expected = origin or annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -145,9 +164,7 @@ def _check_type(name: str, value: Any) -> Any:
     if expected in (int, float, str, bool, list, tuple, dict) and not (
         isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     ):
-        raise BadInputError(
-            f"recipe field {name} = {value!r}: expected {getattr(expected, '__name__', expected)}"
-        )
+        raise BadInputError(f"{_label(name)} {value!r}: expected {getattr(expected, '__name__', expected)}")
     return value
 
 
@@ -158,7 +175,7 @@ def recipe_from_dict(document: dict[str, Any], source: str = "recipe") -> Recipe
     values = {}
     for key, value in document.items():
         if key not in RECIPE_FIELDS:
-            close = difflib.get_close_matches(str(key), RECIPE_FIELDS, n=1)
+            close = [SYNONYMS[key]] if key in SYNONYMS else difflib.get_close_matches(str(key), RECIPE_FIELDS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(RECIPE_FIELDS)}"
             raise BadInputError(f"{source}: unknown key {key!r}{hint}")
         values[key] = _check_type(key, value)

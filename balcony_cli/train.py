@@ -177,7 +177,7 @@ def validate(model: BalconyModel, blocks, recipe: Recipe, batch_size: int) -> di
 
 
 @torch.no_grad()
-def teacher_tokens_per_second(model: BalconyModel, input_ids: torch.Tensor, repeats: int = 3) -> float:
+def teacher_tokens_per_second(model: BalconyModel, input_ids: torch.Tensor, repeats: int = 5) -> float:
     """Time a teacher-only forward pass (base body and head on every token) at the training shape."""
     body = model.layout.body(model.base)
     model.head(body(input_ids=input_ids, use_cache=False).last_hidden_state)  # warm-up
@@ -276,6 +276,11 @@ def _validate_request(request: TrainRequest):
     recipe = request.recipe
     if recipe.exits is None:
         raise BadInputError("--exits is missing: pass layer indices such as --exits 10,15,20, or a recipe with exits")
+    if request.resume and request.overwrite:
+        raise BadInputError(
+            "--resume and --overwrite contradict each other: --resume continues the run in the output "
+            "directory, --overwrite deletes it; pass one of them"
+        )
     check_output_dir(request.output_dir, overwrite=request.overwrite, resume=request.resume)
     if request.resume and not (request.output_dir / RECIPE_FILE).is_file():
         raise BadInputError(
@@ -326,13 +331,13 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
     set_seed(recipe.seed)
     run_start = time.perf_counter()
 
-    logger.info("resolved recipe:\n%s", recipe.to_yaml())
     tokenizer = load_tokenizer(source)
     # Data problems (such as a corpus shorter than one block) surface here, before anything is written.
     with accelerator.main_process_first():
         train_blocks, val_blocks = build_splits(
             data_source, tokenizer, recipe.seq_len, recipe.val_blocks, recipe.seed, recipe.text_field
         )
+    logger.info("resolved recipe:\n%s", recipe.to_yaml())
     logger.info("data: %d training blocks of %d tokens", len(train_blocks), recipe.seq_len)
     if len(train_blocks) < recipe.batch_size:
         raise BadInputError(
@@ -340,11 +345,13 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
             "or add text"
         )
 
-    if is_main and not request.resume:
+    if is_main:
         if request.overwrite and output_dir.exists():
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        # On --resume this records the fields that may change between sessions, such as max_steps.
         atomic_write_bytes(output_dir / RECIPE_FILE, recipe.to_yaml().encode())
+        (output_dir / METRICS).touch()
     accelerator.wait_for_everyone()
 
     base = load_base_model(source).to(accelerator.device)
@@ -395,6 +402,11 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
     step, epoch, batch_in_epoch, train_tokens, train_seconds = 0, 0, 0, 0, 0.0
     if request.resume:
         state = load_training_checkpoint(output_dir, model, optimizer, scheduler)
+        if state["step"] >= recipe.max_steps:
+            raise BadInputError(
+                f"--resume: the run in {str(output_dir)!r} already reached step {state['step']}, and max_steps "
+                f"is {recipe.max_steps}; pass a larger --max-steps to train further"
+            )
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         train_tokens, train_seconds = state["train_tokens"], state["train_seconds"]
         generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
@@ -471,7 +483,8 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
                         logger.info("step %d validation: %s", step, validation)
                     accelerator.wait_for_everyone()
                     tick = time.perf_counter()
-                if recipe.save_every and step % recipe.save_every == 0 and step < recipe.max_steps:
+                # The last step is saved too, so that --resume with a larger max_steps extends a finished run.
+                if (recipe.save_every and step % recipe.save_every == 0) or step >= recipe.max_steps:
                     if is_main:
                         save_training_checkpoint(
                             output_dir,
@@ -494,6 +507,11 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
             else:
                 epoch += 1
                 batch_in_epoch = 0
+    except KeyboardInterrupt:
+        latest = output_dir / CHECKPOINTS / LATEST
+        saved = f"the last checkpoint is {latest.read_text()}" if latest.is_file() else "no checkpoint was saved yet"
+        logger.warning("training interrupted at step %d; %s. Continue with --resume.", step, saved)
+        raise
     finally:
         progress.stop()
 
@@ -514,6 +532,8 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
         if windows is not None:
             logger.info("perplexity after training on %s", eval_text)
             after = perplexity_table(core, windows, full=False, naive=False)
+            # The base is frozen, so its full-model and naive-exit rows are the ones measured before.
+            after.full, after.naive = before.full, dict(before.naive)
     accelerator.wait_for_everyone()
 
     result = TrainResult(

@@ -161,3 +161,38 @@ def test_module_entry_point():
     assert completed.returncode == 0
     assert "train" in completed.stdout
     assert "insert" in completed.stdout
+
+
+def test_version_flag():
+    from balcony_cli import __version__
+
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == __version__
+
+
+def test_flag_named_in_recipe_errors(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "out"
+    result = run(*train_args(tiny_model_dir, corpus_dir, output, "--exits", "2", "--precision", "fp8"))
+    assert result.exit_code == 2
+    assert "--precision" in result.output
+    assert "fp32" in result.output
+    result = run(*train_args(tiny_model_dir, corpus_dir, output, "--exits", "2", "--lr", "-1"))
+    assert result.exit_code == 2
+    assert "--lr" in result.output
+    assert not output.exists()
+
+
+def test_eval_text_directory_rejected(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "out"
+    result = run(*train_args(tiny_model_dir, corpus_dir, output, "--exits", "2", "--eval-text", tmp_path))
+    assert result.exit_code == 2
+    assert "is a directory" in result.output
+    assert not output.exists()
+
+
+def test_insert_rejects_unknown_init(tiny_model_dir, tmp_path):
+    result = run("insert", tiny_model_dir, "--exits", "2", "-o", tmp_path / "out", "--init", "zeros")
+    assert result.exit_code == 2
+    assert "--init 'zeros'" in result.output
+    assert not (tmp_path / "out").exists()

@@ -184,7 +184,7 @@ def test_exit_model_shares_weights():
 
 def test_unknown_exit_rejected():
     model = BalconyModel(tiny_model("llama"), [2])
-    with pytest.raises(BadInputError, match="exits 2"):
+    with pytest.raises(BadInputError, match="exit 3: this checkpoint has exits 2"):
         model(torch.randint(0, VOCAB, (1, 4)), exit=3)
 
 

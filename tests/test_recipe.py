@@ -69,3 +69,8 @@ def test_overrides_win_and_roundtrip(tmp_path):
 def test_missing_recipe_file():
     with pytest.raises(BadInputError, match="not found"):
         load_recipe("no-such-recipe.yaml")
+
+
+def test_synonym_key_suggests_our_name():
+    with pytest.raises(BadInputError, match="'learning_rate'; did you mean 'lr'"):
+        recipe_from_dict({"learning_rate": 0.1})

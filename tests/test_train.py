@@ -186,3 +186,29 @@ def test_bf16_training_runs(tiny_model_dir, corpus_dir, tmp_path):
     assert all(0 < loss < 100 for _, loss in losses)
     weights = load_file(str(output / WEIGHTS_NAME))
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())
+
+
+def test_finished_run_extends_with_larger_max_steps(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, max_steps=4, save_every=0, eval_every=0)
+    train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, perplexity=False))
+    finished = load_file(str(output / WEIGHTS_NAME))
+
+    with pytest.raises(BadInputError, match="already reached step 4"):
+        train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, resume=True))
+    assert torch.equal(load_file(str(output / WEIGHTS_NAME))["exit_norms.1.weight"], finished["exit_norms.1.weight"])
+
+    longer = tiny_recipe(corpus_dir, max_steps=6, save_every=0, eval_every=0)
+    result = train(TrainRequest(model=str(tiny_model_dir), recipe=longer, output_dir=output, resume=True,
+                                perplexity=False))
+    assert result.steps == 6
+    assert [step for step, _ in read_losses(output)] == [1, 2, 3, 4, 5, 6]
+    assert "max_steps: 6" in (output / RECIPE_FILE).read_text()
+
+
+def test_resume_and_overwrite_conflict(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "run"
+    with pytest.raises(BadInputError, match="contradict"):
+        train(TrainRequest(model=str(tiny_model_dir), recipe=tiny_recipe(corpus_dir), output_dir=output,
+                           resume=True, overwrite=True))
+    assert not output.exists()
