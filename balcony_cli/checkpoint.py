@@ -210,9 +210,18 @@ def read_balcony_config(directory: Path) -> dict:
             "`balcony train` or `balcony insert`"
         )
     try:
-        return json.loads(config_path.read_text())
+        document = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise BadInputError(f"{config_path}: invalid JSON ({error}); the checkpoint is damaged") from error
+    version = document.get("schema_version") if isinstance(document, dict) else None
+    if not isinstance(version, int):
+        raise BadInputError(f"{config_path}: no schema_version; this is not a Balcony checkpoint config")
+    if version > SCHEMA_VERSION:
+        raise BadInputError(
+            f"{config_path}: written by a newer Balcony (schema version {version}, this is {__version__} with "
+            f"schema version {SCHEMA_VERSION}); upgrade with: pip install --upgrade balcony-cli"
+        )
+    return document
 
 
 def load_balcony_weights(path: Path) -> dict[str, torch.Tensor]:

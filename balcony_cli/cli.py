@@ -287,6 +287,9 @@ def train(
         None, "--ppl-window", help=_recipe_help("ppl_window", "Perplexity window, in tokens")
     ),
     no_perplexity: bool = typer.Option(False, "--no-perplexity", help="Skip the before/after perplexity table."),
+    allow_base_mismatch: bool = typer.Option(
+        False, "--allow-base-mismatch", help="With --resume, continue even if the base weights changed."
+    ),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the run summary as JSON ('-': stdout)."),
 ) -> None:
     """Train the Balcony layers by self-distillation from the full model, then print a perplexity table."""
@@ -317,6 +320,7 @@ def train(
     request = TrainRequest(
         model=model, recipe=resolved, output_dir=output, resume=resume, overwrite=overwrite,
         perplexity=not no_perplexity,
+        allow_base_mismatch=allow_base_mismatch,
     )
     show_progress = console.is_terminal and json_path != "-"
     result = run_training(request, progress=RichTrainingProgress() if show_progress else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import logging
 from dataclasses import dataclass
@@ -63,6 +64,26 @@ def resolve_data(spec: str | None) -> DataSource:
     return DataSource(spec=spec, builder=builders.pop(), files=tuple(nonempty))
 
 
+def _check_utf8(path: str, spec: str) -> None:
+    """Reject a text or JSON file that is not UTF-8, naming the file and the byte offset."""
+    with open(path, "rb") as file:
+        offset = 0
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        while block := file.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as error:
+                raise BadInputError(
+                    f"--data {spec!r}: {path} is not valid UTF-8 (byte {offset + error.start}); convert it, "
+                    "for example with iconv -f latin1 -t utf-8"
+                ) from None
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise BadInputError(f"--data {spec!r}: {path} ends inside a UTF-8 character; the file is truncated")
+
+
 def load_text_dataset(source: DataSource, text_field: str = "text"):
     """Load the raw text as a datasets.Dataset with one column, "text"."""
     import datasets
@@ -75,11 +96,17 @@ def load_text_dataset(source: DataSource, text_field: str = "text"):
                 f"--data {source.spec!r}: could not load it from the Hugging Face Hub ({error}); "
                 "pass local .txt, .jsonl or .parquet files instead"
             ) from error
-    elif source.builder == "text":
-        # One row per file keeps the text exactly as written, line breaks included.
-        dataset = datasets.load_dataset("text", data_files=list(source.files), split="train", sample_by="document")
     else:
-        dataset = datasets.load_dataset(source.builder, data_files=list(source.files), split="train")
+        if source.builder != "parquet":
+            for path in source.files:
+                _check_utf8(path, source.spec)
+        if source.builder == "text":
+            # One row per file keeps the text exactly as written, line breaks included.
+            dataset = datasets.load_dataset(
+                "text", data_files=list(source.files), split="train", sample_by="document"
+            )
+        else:
+            dataset = datasets.load_dataset(source.builder, data_files=list(source.files), split="train")
     if text_field not in dataset.column_names:
         raise BadInputError(
             f"--data {source.spec!r}: no column {text_field!r} (columns: {', '.join(dataset.column_names)}); "

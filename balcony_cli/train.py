@@ -85,6 +85,8 @@ class TrainRequest:
     overwrite: bool = False
     perplexity: bool = True
     """Compute the before/after perplexity table on the eval text (skipped when no eval text is found)."""
+    allow_base_mismatch: bool = False
+    """On --resume, continue even if the base weights differ from the ones the run started with."""
 
 
 @dataclass
@@ -402,6 +404,15 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
     step, epoch, batch_in_epoch, train_tokens, train_seconds = 0, 0, 0, 0, 0.0
     if request.resume:
         state = load_training_checkpoint(output_dir, model, optimizer, scheduler)
+        recorded = state.get("base_fingerprint")
+        if recorded is not None and recorded != fingerprint:
+            message = (
+                f"--resume: the base model differs from the one the run started with (recorded {recorded}, "
+                f"loaded {fingerprint})"
+            )
+            if not request.allow_base_mismatch:
+                raise BadInputError(message + "; load the original base, or pass --allow-base-mismatch")
+            logger.warning("%s; continuing because --allow-base-mismatch is set", message)
         if state["step"] >= recipe.max_steps:
             raise BadInputError(
                 f"--resume: the run in {str(output_dir)!r} already reached step {state['step']}, and max_steps "
@@ -498,6 +509,7 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
                                 "train_tokens": train_tokens,
                                 "train_seconds": train_seconds,
                                 "generator": epoch_generator_state.tolist(),
+                                "base_fingerprint": fingerprint,
                             },
                         )
                     accelerator.wait_for_everyone()
