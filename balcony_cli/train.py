@@ -239,6 +239,13 @@ def load_training_checkpoint(output_dir: Path, model: BalconyModel, optimizer, s
         raise BadInputError(
             f"--resume: {str(output_dir)!r} has no checkpoint to resume from; start the run without --resume"
         )
+    # A run killed during a save leaves its temporary files behind; the checkpoint they were
+    # meant to become never replaced the latest one, so they are safe to delete.
+    for leftover in root.glob(".*.tmp"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
     directory = root / latest.read_text().strip()
     model.load_balcony_state_dict(load_balcony_weights(directory / "balcony.safetensors"))
     trainer = torch.load(directory / "trainer.pt", weights_only=False)
