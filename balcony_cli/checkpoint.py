@@ -176,13 +176,18 @@ def balcony_config(
     }
 
 
-def save_balcony(directory: Path, model: BalconyModel, config: dict) -> None:
+def save_balcony(
+    directory: Path, model: BalconyModel, config: dict, weights: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write balcony.safetensors and balcony_config.json into `directory`, each atomically.
 
+    `weights` replaces the model's own Balcony state, for callers that gathered it from shards.
     The weights go first, so that a config never points at weights that were not written.
     """
     directory = Path(directory)
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.balcony_state_dict().items()}
+    if weights is None:
+        weights = model.balcony_state_dict()
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
     handle, temporary = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=directory)
     os.close(handle)
     try:

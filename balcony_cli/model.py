@@ -12,6 +12,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from balcony_cli.architectures import Layout, layout_for
+from balcony_cli.distill import distillation_losses
 from balcony_cli.errors import BadInputError
 
 from balcony_cli.exits import INIT_CHOICES, Init, parse_exits  # noqa: F401 (re-exported)
@@ -31,6 +32,8 @@ class BalconyTrainingOutput(ModelOutput):
     """Exit k's hidden state after Balcony layer k and exit norm k."""
     naive_hidden: dict[int, torch.Tensor] | None = None
     """Layer k's output after the base's final norm: the untrained early exit, when requested."""
+    losses: torch.Tensor | None = None
+    """Each exit's mean KL(full || exit), shape (num_exits,), when a loss temperature is given."""
 
 
 class BalconyModel(nn.Module):
@@ -187,12 +190,18 @@ class BalconyModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         exits: Sequence[int] | None = None,
         naive: bool = False,
+        loss_temperature: float | None = None,
+        loss_chunk_tokens: int = 1024,
     ) -> BalconyTrainingOutput:
         """Run the base once and every exit on the way, returning hidden states before the head.
 
         A forward pre-hook on base layer k + 1 catches layer k's output together with the exact
         mask, position ids and position embeddings that the base passes to that slot, and feeds them
         to Balcony layer k. The exit therefore computes what `forward(exit=k)` computes.
+
+        With `loss_temperature` set, the output also carries each exit's distillation loss. The loss
+        is computed here, inside forward, because a sharding wrapper (FSDP) gathers the shared LM
+        head's weight only while forward runs.
         """
         exits = self.exits if exits is None else list(exits)
         base_layers = self.layout.layers(self.base)
@@ -221,10 +230,21 @@ class BalconyModel(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+        losses = None
+        if loss_temperature is not None:
+            losses = distillation_losses(
+                self.head,
+                body_out.last_hidden_state,
+                [exit_hidden[k] for k in exits],
+                attention_mask=attention_mask,
+                temperature=loss_temperature,
+                chunk_tokens=loss_chunk_tokens,
+            )
         return BalconyTrainingOutput(
             full_hidden=body_out.last_hidden_state,
             exit_hidden=exit_hidden,
             naive_hidden=naive_hidden if naive else None,
+            losses=losses,
         )
 
 

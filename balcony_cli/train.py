@@ -29,7 +29,6 @@ from balcony_cli.checkpoint import (
     save_balcony,
 )
 from balcony_cli.data import build_splits, resolve_data
-from balcony_cli.distill import distillation_losses
 from balcony_cli.errors import BadInputError
 from balcony_cli.loading import check_decoder_only, load_base_model, load_config, load_tokenizer, resolve_model
 from balcony_cli.model import BalconyModel, parse_exits
@@ -155,14 +154,10 @@ def validate(model: BalconyModel, blocks, recipe: Recipe, batch_size: int) -> di
     full_nll, tokens, batches = 0.0, 0, 0
     for start in range(0, len(blocks), batch_size):
         input_ids = blocks[start : start + batch_size]["input_ids"].to(device)  # (batch, seq)
-        out = model.forward_all(input_ids)
-        losses = distillation_losses(
-            model.head,
-            out.full_hidden,
-            [out.exit_hidden[k] for k in model.exits],
-            temperature=recipe.temperature,
-            chunk_tokens=recipe.loss_chunk_tokens,
+        out = model.forward_all(
+            input_ids, loss_temperature=recipe.temperature, loss_chunk_tokens=recipe.loss_chunk_tokens
         )
+        losses = out.losses
         labels = input_ids[:, 1:]
         tokens += labels.numel()
         batches += input_ids.shape[0]
@@ -208,7 +203,23 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
 
 
-def save_training_checkpoint(output_dir: Path, model: BalconyModel, optimizer, scheduler, state: dict) -> Path:
+def build_optimizer(model: BalconyModel, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW over the Balcony parameters only, so that the frozen base carries no optimiser state."""
+    return torch.optim.AdamW(
+        model.balcony_parameters(), lr=recipe.lr, betas=recipe.adam_betas, weight_decay=recipe.weight_decay
+    )
+
+
+def balcony_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the Balcony entries of a BalconyModel state dict, as contiguous CPU tensors."""
+    return {
+        name: tensor.detach().contiguous().cpu()
+        for name, tensor in state_dict.items()
+        if name.startswith(("exit_layers.", "exit_norms."))
+    }
+
+
+def save_training_checkpoint(output_dir: Path, weights: dict, optimizer, scheduler, state: dict) -> Path:
     """Write checkpoints/step-N atomically, then point checkpoints/latest at it and drop older ones.
 
     accelerate's save_state would also write the frozen base's weights on every save, so the trainer
@@ -218,7 +229,6 @@ def save_training_checkpoint(output_dir: Path, model: BalconyModel, optimizer, s
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state['step']:07d}"
     with atomic_directory(root / name, overwrite=True) as directory:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.balcony_state_dict().items()}
         save_file(weights, str(directory / "balcony.safetensors"))
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
@@ -315,6 +325,7 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
     """Train the Balcony layers of `request.model` by self-distillation and save them."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader, RandomSampler
     from transformers import get_cosine_schedule_with_warmup
@@ -393,9 +404,7 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
     teacher_rate = teacher_tokens_per_second(model, sample)
     logger.info("teacher-only forward: %.0f tokens/s", teacher_rate)
 
-    optimizer = torch.optim.AdamW(
-        model.balcony_parameters(), lr=recipe.lr, betas=recipe.adam_betas, weight_decay=recipe.weight_decay
-    )
+    optimizer = build_optimizer(model, recipe)
     warmup_steps = math.ceil(recipe.warmup_ratio * recipe.max_steps)
     # The scheduler is not passed to accelerator.prepare: prepared schedulers step once per process
     # per call, and this one must step once per optimiser step.
@@ -410,6 +419,12 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
 
     step, epoch, batch_in_epoch, train_tokens, train_seconds = 0, 0, 0, 0, 0.0
     if request.resume:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            # TODO: resuming under FSDP needs each rank's optimizer shard; checkpoints keep rank 0's only.
+            raise BadInputError(
+                "--resume is not supported under FSDP yet: checkpoints keep only rank 0's optimiser state. "
+                "Start a new run, or resume without FSDP (for example with DDP)"
+            )
         state = load_training_checkpoint(output_dir, model, optimizer, scheduler)
         recorded = state.get("base_fingerprint")
         if recorded is not None and recorded != fingerprint:
@@ -433,8 +448,13 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
         logger.info("resumed from step %d", step)
 
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # Validation and the perplexity table run on rank 0 alone, which needs whole weights there.
+    can_evaluate = accelerator.distributed_type != DistributedType.FSDP
+    if not can_evaluate:
+        logger.warning("validation and the after-training table are skipped under FSDP; evaluate the checkpoint")
+    gathered_weights: dict[str, torch.Tensor] | None = None
     core = accelerator.unwrap_model(model)
-    weights = torch.tensor(recipe.weights(), device=accelerator.device)
+    exit_weights = torch.tensor(recipe.weights(), device=accelerator.device)
     params = core.balcony_parameters()
     world_tokens = recipe.seq_len * recipe.batch_size * accelerator.num_processes
     metrics_path = output_dir / METRICS
@@ -456,15 +476,13 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
             tick = time.perf_counter()
             for batch in batches:
                 with accelerator.accumulate(model):
-                    out = model(batch["input_ids"], exit="all")
-                    losses = distillation_losses(
-                        core.head,
-                        out.full_hidden,
-                        [out.exit_hidden[k] for k in core.exits],
-                        temperature=recipe.temperature,
-                        chunk_tokens=recipe.loss_chunk_tokens,
-                    )
-                    loss = (weights * losses).sum()
+                    losses = model(
+                        batch["input_ids"],
+                        exit="all",
+                        loss_temperature=recipe.temperature,
+                        loss_chunk_tokens=recipe.loss_chunk_tokens,
+                    ).losses
+                    loss = (exit_weights * losses).sum()
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and recipe.grad_clip > 0:
                         accelerator.clip_grad_norm_(params, recipe.grad_clip)
@@ -484,7 +502,7 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
                 window_losses = []
                 record = {
                     "step": step,
-                    "loss": float((weights * mean_losses).sum()),
+                    "loss": float((exit_weights * mean_losses).sum()),
                     "kl": {k: float(mean_losses[i]) for i, k in enumerate(core.exits)},
                     "lr": scheduler.get_last_lr()[0],
                     "train_tokens": train_tokens,
@@ -494,7 +512,7 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
                 progress.update(step, record)
                 if step % recipe.log_every == 0 or step == recipe.max_steps:
                     write_metrics(record)
-                if val_blocks is not None and recipe.eval_every and step % recipe.eval_every == 0:
+                if can_evaluate and val_blocks is not None and recipe.eval_every and step % recipe.eval_every == 0:
                     if is_main:
                         validation = {"step": step, **validate(core, val_blocks, recipe, recipe.batch_size)}
                         write_metrics({"split": "validation", **validation})
@@ -503,10 +521,12 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
                     tick = time.perf_counter()
                 # The last step is saved too, so that --resume with a larger max_steps extends a finished run.
                 if (recipe.save_every and step % recipe.save_every == 0) or step >= recipe.max_steps:
+                    # Every rank joins the gather: under FSDP each one holds a shard of the weights.
+                    gathered_weights = balcony_weights(accelerator.get_state_dict(model))
                     if is_main:
                         save_training_checkpoint(
                             output_dir,
-                            core,
+                            gathered_weights,
                             optimizer,
                             scheduler,
                             {
@@ -535,7 +555,7 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
         progress.stop()
 
     core.eval()
-    if is_main and val_blocks is not None and validation.get("step") != step:
+    if is_main and can_evaluate and val_blocks is not None and validation.get("step") != step:
         validation = {"step": step, **validate(core, val_blocks, recipe, recipe.batch_size)}
         write_metrics({"split": "validation", **validation})
 
@@ -547,8 +567,13 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
             "train_tokens": train_tokens,
             "data": data_source.spec,
         }
-        save_balcony(output_dir, core, balcony_config(core, source, fingerprint, trained=True, training=training))
-        if windows is not None:
+        save_balcony(
+            output_dir,
+            core,
+            balcony_config(core, source, fingerprint, trained=True, training=training),
+            weights=gathered_weights,
+        )
+        if windows is not None and can_evaluate:
             logger.info("perplexity after training on %s", eval_text)
             after = perplexity_table(core, windows, full=False, naive=False)
             # The base is frozen, so its full-model and naive-exit rows are the ones measured before.
