@@ -128,15 +128,19 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def check_output_dir(path: Path, overwrite: bool = False, resume: bool = False) -> None:
-    """Reject an existing non-empty output directory unless the user allows reuse."""
+def check_output_dir(path: Path, overwrite: bool = False, resume: bool | None = None) -> None:
+    """Reject an existing non-empty output directory unless the user allows reuse.
+
+    `resume` is None for verbs that have no --resume flag, so that the message does not offer it.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise BadInputError(f"output {str(path)!r} is a file, not a directory; choose another path with -o")
     if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+        resume_hint = ", --resume to continue a training run in it," if resume is not None else ""
         raise BadInputError(
             f"output directory {str(path)!r} already exists and is not empty; pass --overwrite to replace "
-            "it, --resume to continue a training run in it, or choose another path with -o"
+            f"it{resume_hint} or choose another path with -o"
         )
 
 
@@ -224,7 +228,7 @@ def read_balcony_config(directory: Path) -> dict:
     if version > SCHEMA_VERSION:
         raise BadInputError(
             f"{config_path}: written by a newer Balcony (schema version {version}, this is {__version__} with "
-            f"schema version {SCHEMA_VERSION}); upgrade with: pip install --upgrade balcony-cli"
+            f"schema version {SCHEMA_VERSION}); upgrade Balcony to load it"
         )
     return document
 

@@ -38,7 +38,13 @@ def read_eval_text(path: str | Path) -> str:
         raise BadInputError(f"--eval-text {str(path)!r}: is a directory; pass a text file, such as wiki.test.raw")
     if not path.is_file():
         raise BadInputError(f"--eval-text {str(path)!r}: file not found. Check the path.")
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    try:
+        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as error:
+        raise BadInputError(
+            f"--eval-text {str(path)!r}: not valid UTF-8 (byte {error.start}); convert it, for example with "
+            "iconv -f latin1 -t utf-8"
+        ) from None
     if not text.strip():
         raise BadInputError(f"--eval-text {str(path)!r}: the file is empty")
     return text

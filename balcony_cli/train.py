@@ -247,7 +247,7 @@ def load_training_checkpoint(output_dir: Path, model: BalconyModel, optimizer, s
     latest = root / LATEST
     if not latest.is_file():
         raise BadInputError(
-            f"--resume: {str(output_dir)!r} has no checkpoint to resume from; start the run without --resume"
+            f"--resume: {str(output_dir)!r} has no checkpoint to resume from; start it again with --overwrite"
         )
     # A run killed during a save leaves its temporary files behind; the checkpoint they were
     # meant to become never replaced the latest one, so they are safe to delete.
@@ -258,18 +258,32 @@ def load_training_checkpoint(output_dir: Path, model: BalconyModel, optimizer, s
             leftover.unlink(missing_ok=True)
     directory = root / latest.read_text().strip()
     model.load_balcony_state_dict(load_balcony_weights(directory / "balcony.safetensors"))
-    trainer = torch.load(directory / "trainer.pt", weights_only=False)
+    try:
+        trainer = torch.load(directory / "trainer.pt", weights_only=False)
+        state = json.loads((directory / "state.json").read_text())
+    except (OSError, RuntimeError, EOFError, json.JSONDecodeError) as error:
+        raise BadInputError(
+            f"--resume: checkpoint {directory} cannot be read ({error}); it is damaged, so start the run "
+            "again with --overwrite"
+        ) from error
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"])
-    return json.loads((directory / "state.json").read_text())
+    return state
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after the checkpoint a resumed run starts from."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if record.get("step", 0) <= step:
+            kept.append(line)
     atomic_write_bytes(path, ("\n".join(kept) + "\n").encode() if kept else b"")
 
 
@@ -304,6 +318,11 @@ def _validate_request(request: TrainRequest):
     if request.resume and not (request.output_dir / RECIPE_FILE).is_file():
         raise BadInputError(
             f"--resume: {str(request.output_dir)!r} contains no training run; start the run without --resume"
+        )
+    if request.resume and not (request.output_dir / CHECKPOINTS / LATEST).is_file():
+        raise BadInputError(
+            f"--resume: the run in {str(request.output_dir)!r} stopped before its first checkpoint, so there is "
+            "nothing to resume; start it again with --overwrite"
         )
     data = resolve_data(recipe.data)
     source = resolve_model(request.model)
@@ -365,11 +384,10 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
             "or add text"
         )
 
-    if is_main:
+    if is_main and not request.resume:
         if request.overwrite and output_dir.exists():
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        # On --resume this records the fields that may change between sessions, such as max_steps.
         atomic_write_bytes(output_dir / RECIPE_FILE, recipe.to_yaml().encode())
         (output_dir / METRICS).touch()
     accelerator.wait_for_everyone()
@@ -435,7 +453,7 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
             if not request.allow_base_mismatch:
                 raise BadInputError(message + "; load the original base, or pass --allow-base-mismatch")
             logger.warning("%s; continuing because --allow-base-mismatch is set", message)
-        if state["step"] >= recipe.max_steps:
+        if state["step"] >= recipe.max_steps and (output_dir / SUMMARY).is_file():
             raise BadInputError(
                 f"--resume: the run in {str(output_dir)!r} already reached step {state['step']}, and max_steps "
                 f"is {recipe.max_steps}; pass a larger --max-steps to train further"
@@ -445,6 +463,8 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
         generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         if is_main:
             _truncate_metrics(output_dir / METRICS, step)
+            # Only now, with the resume accepted, record fields that may change, such as max_steps.
+            atomic_write_bytes(output_dir / RECIPE_FILE, recipe.to_yaml().encode())
         logger.info("resumed from step %d", step)
 
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

@@ -1,7 +1,7 @@
 """Peak memory and speed of one training step: chunked KL against naive full-logit KL.
 
-Each variant runs in its own process, so that its peak resident memory (CPU) or peak allocated
-memory (CUDA) is its own. The model has SmolLM2-135M's shape (30 layers, hidden 576, vocabulary
+Each variant runs in its own process, so that its peak is its own: on CPU the process's maximum
+resident set (model and Python runtime included), on CUDA the peak allocated memory. The model has SmolLM2-135M's shape (30 layers, hidden 576, vocabulary
 49,152) with random weights: memory and speed do not depend on the weight values.
 
     python benchmarks/loss_memory.py [--seq-len 2048] [--exits 10,15,20] [--json results.json]
@@ -84,10 +84,16 @@ def run_variant(variant: str, seq_len: int, exits: list[int], chunk_tokens: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--exits", default="10,15,20")
-    parser.add_argument("--chunk-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens in the one sequence (default 2048)")
+    parser.add_argument("--exits", default="10,15,20", help="comma-separated exits (default 10,15,20)")
+    parser.add_argument(
+        "--chunk-tokens", type=int, default=256,
+        help="tokens per loss chunk; 256 as in the SmolLM2 CPU recipes (default 256)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2,
+        help="training steps per variant; tokens/s uses the fastest after the first (default 2)",
+    )
     parser.add_argument("--variant", choices=["chunked", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the results as one JSON document to this path")
     args = parser.parse_args()

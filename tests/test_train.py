@@ -212,3 +212,53 @@ def test_resume_and_overwrite_conflict(tiny_model_dir, corpus_dir, tmp_path):
         train(TrainRequest(model=str(tiny_model_dir), recipe=tiny_recipe(corpus_dir), output_dir=output,
                            resume=True, overwrite=True))
     assert not output.exists()
+
+
+def test_refused_resume_writes_nothing(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, max_steps=4, save_every=0, eval_every=0)
+    train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, perplexity=False))
+    before = {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()}
+    shorter = tiny_recipe(corpus_dir, max_steps=2, save_every=0, eval_every=0)
+    with pytest.raises(BadInputError, match="already reached step 4"):
+        train(TrainRequest(model=str(tiny_model_dir), recipe=shorter, output_dir=output, resume=True))
+    after = {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_resume_finishes_run_killed_after_last_step(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, max_steps=4, save_every=0, eval_every=0)
+    train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, perplexity=False))
+    finished = load_file(str(output / WEIGHTS_NAME))
+    # A kill during the final phase leaves the last-step checkpoint but no final outputs.
+    (output / SUMMARY).unlink()
+    (output / WEIGHTS_NAME).unlink()
+    result = train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, resume=True,
+                                perplexity=False))
+    assert result.steps == 4
+    assert (output / SUMMARY).is_file()
+    for name, tensor in finished.items():
+        assert torch.equal(load_file(str(output / WEIGHTS_NAME))[name], tensor)
+
+
+def test_damaged_training_checkpoint_named(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainRequest(model=str(tiny_model_dir), recipe=tiny_recipe(corpus_dir), output_dir=output,
+                           perplexity=False), progress=StopAt(5))
+    trainer = output / "checkpoints" / "step-0000003" / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[:50])
+    with pytest.raises(BadInputError, match="step-0000003 cannot be read"):
+        train(TrainRequest(model=str(tiny_model_dir), recipe=tiny_recipe(corpus_dir), output_dir=output,
+                           resume=True, perplexity=False))
+
+
+def test_resume_before_first_checkpoint_suggests_overwrite(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainRequest(model=str(tiny_model_dir), recipe=tiny_recipe(corpus_dir), output_dir=output,
+                           perplexity=False), progress=StopAt(1))
+    with pytest.raises(BadInputError, match="--overwrite"):
+        train(TrainRequest(model=str(tiny_model_dir), recipe=tiny_recipe(corpus_dir), output_dir=output,
+                           resume=True, perplexity=False))
