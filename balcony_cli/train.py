@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
 import random
 import shutil
@@ -127,6 +128,13 @@ class TrainResult:
             "validation": self.validation,
             "base_fingerprint": self.base_fingerprint,
         }
+
+
+def _write_table_before(output_dir: Path, table: PerplexityTable) -> None:
+    atomic_write_json(
+        output_dir / TABLE_BEFORE,
+        {"tokens": table.tokens, "full": table.full, "naive": table.naive, "exits": table.exits},
+    )
 
 
 def _table_from_dict(document: dict | None) -> PerplexityTable | None:
@@ -361,6 +369,14 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
         # settings; the process group in PartialState is kept. _reset_state is private (accelerate 1.16).
         AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(gradient_accumulation_steps=recipe.grad_accum_steps, mixed_precision=mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        # accelerate 1.16 on a machine without GPUs: `--multi_gpu` alone starts N processes that
+        # each train alone as rank 0 and race on the same output directory.
+        raise BadInputError(
+            f"the launcher started {launched} processes, but accelerate sees {accelerator.num_processes}; "
+            "on a machine without GPUs, set ACCELERATE_USE_CPU=true for a multi-process CPU run"
+        )
     is_main = accelerator.is_main_process
     if not is_main:
         # Other ranks log warnings only, so that N processes do not print every line N times.
@@ -413,10 +429,8 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
             else:
                 logger.info("perplexity before training on %s", eval_text)
                 before = perplexity_table(model, windows)
-                atomic_write_json(
-                    output_dir / TABLE_BEFORE,
-                    {"tokens": before.tokens, "full": before.full, "naive": before.naive, "exits": before.exits},
-                )
+                if not request.resume:
+                    _write_table_before(output_dir, before)
 
     sample = train_blocks[: recipe.batch_size]["input_ids"].to(accelerator.device)
     teacher_rate = teacher_tokens_per_second(model, sample)
@@ -465,6 +479,8 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
             _truncate_metrics(output_dir / METRICS, step)
             # Only now, with the resume accepted, record fields that may change, such as max_steps.
             atomic_write_bytes(output_dir / RECIPE_FILE, recipe.to_yaml().encode())
+            if before is not None and not (output_dir / TABLE_BEFORE).is_file():
+                _write_table_before(output_dir, before)
         logger.info("resumed from step %d", step)
 
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

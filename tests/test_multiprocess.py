@@ -59,3 +59,19 @@ def test_two_ranks_match_one_process(tiny_model_dir, corpus_dir, tmp_path):
     weights_one = load_file(str(one / WEIGHTS_NAME))
     for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="the accelerate launcher is not installed")
+def test_multi_gpu_launch_without_cpu_flag_rejected(tiny_model_dir, corpus_dir, tmp_path):
+    environment = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    environment["OMP_NUM_THREADS"] = "1"
+    output = tmp_path / "out"
+    launched = subprocess.run(
+        [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no",
+         *train_command(tiny_model_dir, corpus_dir, output, batch_size=2)],
+        env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert launched.returncode != 0
+    assert "set ACCELERATE_USE_CPU=true" in launched.stderr + launched.stdout
+    assert not output.exists()
