@@ -12,7 +12,7 @@ class BalconyError(Exception):
 class BadInputError(BalconyError):
     """Invalid input: a bad flag value, a missing file, an existing output (exit code 2).
 
-    The message names the input and says how to fix it.
+    The message names the input and the fix.
     """
 
     exit_code = 2

@@ -108,7 +108,7 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Check quickly whether the Hugging Face Hub endpoint answers a TCP connection.
+    """Check quickly whether the Hugging Face Hub endpoint accepts a TCP connection.
 
     huggingface_hub retries an unreachable host for about 25 seconds before it fails, so this probe
     lets an offline machine fail at once.

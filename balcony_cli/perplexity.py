@@ -1,8 +1,8 @@
 """Perplexity under the project's protocol, for the full model, naive exits and Balcony exits at once.
 
-Protocol: read the text as UTF-8 with CRLF turned into LF, tokenise it without special tokens, keep
-the first `max_tokens` tokens, cut them into non-overlapping windows of `window` tokens (the last
-window may be shorter), and report exp(mean NLL) over every predicted token.
+Protocol: read the text as UTF-8 with CRLF turned into LF and tokenise it without special tokens.
+Keep the first `max_tokens` tokens and cut them into non-overlapping windows of `window` tokens,
+where the last window may be shorter. Report exp(mean NLL) over every predicted token.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ WIKITEXT2_TEST = Path("wikitext2_raw") / "wiki.test.raw"
 
 
 def default_eval_text() -> Path | None:
-    """The WikiText-2 test file under $BALCONY_DATA_DIR, when that variable is set and the file exists."""
+    """Return the WikiText-2 test file under $BALCONY_DATA_DIR, if that variable is set and the file exists."""
     data_dir = os.environ.get(DATA_DIR_ENV)
     if data_dir and (Path(data_dir) / WIKITEXT2_TEST).is_file():
         return Path(data_dir) / WIKITEXT2_TEST
@@ -60,7 +60,7 @@ def perplexity_windows(tokenizer, text: str, max_tokens: int, window: int) -> li
     return windows
 
 
-def _nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 2048) -> float:
+def nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 2048) -> float:
     """Sum of next-token NLLs. hidden: (batch, seq, dim) predicting labels: (batch, seq)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
@@ -81,9 +81,9 @@ class PerplexityTable:
     exits: dict[int, float] = field(default_factory=dict)
 
 
-def _ppl(nll_sum: float, tokens: int) -> float:
-    mean = nll_sum / tokens
-    return math.exp(mean) if mean < 700 else math.inf
+def perplexity_from_nll(total_nll: float, tokens: int) -> float:
+    """Return exp(mean NLL), capped at exp(700) so that the value stays a finite float for JSON."""
+    return math.exp(min(total_nll / tokens, 700.0))
 
 
 @torch.no_grad()
@@ -112,14 +112,14 @@ def perplexity_table(
             labels = input_ids[:, 1:]
             tokens += labels.numel()
             if full:
-                full_nll += _nll_sum(head, out.full_hidden[:, :-1], labels)
+                full_nll += nll_sum(head, out.full_hidden[:, :-1], labels)
             for k in exits:
-                exit_nll[k] += _nll_sum(head, out.exit_hidden[k][:, :-1], labels)
+                exit_nll[k] += nll_sum(head, out.exit_hidden[k][:, :-1], labels)
                 if naive:
-                    naive_nll[k] += _nll_sum(head, out.naive_hidden[k][:, :-1], labels)
+                    naive_nll[k] += nll_sum(head, out.naive_hidden[k][:, :-1], labels)
     return PerplexityTable(
         tokens=tokens,
-        full=_ppl(full_nll, tokens) if full else None,
-        naive={k: _ppl(v, tokens) for k, v in naive_nll.items()} if naive else {},
-        exits={k: _ppl(v, tokens) for k, v in exit_nll.items()},
+        full=perplexity_from_nll(full_nll, tokens) if full else None,
+        naive={k: perplexity_from_nll(v, tokens) for k, v in naive_nll.items()} if naive else {},
+        exits={k: perplexity_from_nll(v, tokens) for k, v in exit_nll.items()},
     )

@@ -27,7 +27,7 @@ class Recipe:
     data: str | None = None
     """Training text: local .txt/.jsonl/.parquet files, folders or globs, or a hub dataset id."""
     text_field: str = "text"
-    """Column that holds the text in .jsonl and .parquet data."""
+    """Column that contains the text in .jsonl and .parquet data."""
     seq_len: int = 256
     """Tokens per packed training block."""
     batch_size: int = 4

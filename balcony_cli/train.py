@@ -35,8 +35,9 @@ from balcony_cli.loading import check_decoder_only, load_base_model, load_config
 from balcony_cli.model import BalconyModel, parse_exits
 from balcony_cli.perplexity import (
     PerplexityTable,
-    _nll_sum,
     default_eval_text,
+    nll_sum,
+    perplexity_from_nll,
     perplexity_table,
     perplexity_windows,
     read_eval_text,
@@ -169,15 +170,15 @@ def validate(model: BalconyModel, blocks, recipe: Recipe, batch_size: int) -> di
         labels = input_ids[:, 1:]
         tokens += labels.numel()
         batches += input_ids.shape[0]
-        full_nll += _nll_sum(model.head, out.full_hidden[:, :-1], labels)
+        full_nll += nll_sum(model.head, out.full_hidden[:, :-1], labels)
         for index, k in enumerate(model.exits):
             kl_sums[k] += losses[index].item() * input_ids.shape[0]
-            nll_sums[k] += _nll_sum(model.head, out.exit_hidden[k][:, :-1], labels)
+            nll_sums[k] += nll_sum(model.head, out.exit_hidden[k][:, :-1], labels)
     model.train(was_training)
     return {
         "kl": {k: kl_sums[k] / batches for k in model.exits},
-        "perplexity": {k: math.exp(min(nll_sums[k] / tokens, 700)) for k in model.exits},
-        "full_perplexity": math.exp(min(full_nll / tokens, 700)),
+        "perplexity": {k: perplexity_from_nll(nll_sums[k], tokens) for k in model.exits},
+        "full_perplexity": perplexity_from_nll(full_nll, tokens),
     }
 
 
@@ -257,8 +258,8 @@ def load_training_checkpoint(output_dir: Path, model: BalconyModel, optimizer, s
         raise BadInputError(
             f"--resume: {str(output_dir)!r} has no checkpoint to resume from; start it again with --overwrite"
         )
-    # A run killed during a save leaves its temporary files behind; the checkpoint they were
-    # meant to become never replaced the latest one, so they are safe to delete.
+    # A run killed during a save leaves its temporary files behind. They never replaced the
+    # latest checkpoint, so deleting them loses nothing.
     for leftover in root.glob(".*.tmp"):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -557,7 +558,7 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
                     tick = time.perf_counter()
                 # The last step is saved too, so that --resume with a larger max_steps extends a finished run.
                 if (recipe.save_every and step % recipe.save_every == 0) or step >= recipe.max_steps:
-                    # Every rank joins the gather: under FSDP each one holds a shard of the weights.
+                    # Every rank joins the gather, because under FSDP each rank stores a shard of the weights.
                     gathered_weights = balcony_weights(accelerator.get_state_dict(model))
                     if is_main:
                         save_training_checkpoint(

@@ -91,3 +91,25 @@ def offline_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+def read_losses(directory) -> list[tuple[int, float]]:
+    """Return (step, loss) pairs from a run's metrics.jsonl, validation lines left out."""
+    import json
+
+    lines = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+
+def assert_same_run(expected_dir, actual_dir) -> None:
+    """Check that two training runs logged the same loss curve and saved the same Balcony weights."""
+    from safetensors.torch import load_file
+
+    expected, actual = read_losses(expected_dir), read_losses(actual_dir)
+    assert [step for step, _ in actual] == [step for step, _ in expected]
+    for (_, want), (_, got) in zip(expected, actual):
+        assert got == pytest.approx(want, rel=1e-5)
+    expected_weights = load_file(str(expected_dir / "balcony.safetensors"))
+    actual_weights = load_file(str(actual_dir / "balcony.safetensors"))
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(actual_weights[name], tensor, rtol=1e-5, atol=1e-6)

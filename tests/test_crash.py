@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import assert_same_run, read_losses
 from safetensors.torch import load_file
 
 from balcony_cli.checkpoint import WEIGHTS_NAME
@@ -46,11 +47,6 @@ def kill_when(process: subprocess.Popen, condition, timeout_s: float = 300) -> N
     process.wait()
 
 
-def losses(output: Path) -> list[tuple[int, float]]:
-    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in lines if "loss" in r]
-
-
 def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, corpus_dir, tmp_path):
     extra = ("--max-steps", "60", "--save-every", "3")
     straight = tmp_path / "straight"
@@ -68,13 +64,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, corpus_dir, t
     resumed = subprocess.run(command(tiny_model_dir, corpus_dir, killed, *extra, "--resume"), env=environment(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [step for step, _ in losses(killed)] == [step for step, _ in losses(straight)]
-    for (_, want), (_, got) in zip(losses(straight), losses(killed)):
-        assert abs(got - want) <= 1e-5 * max(1.0, abs(want))
-    expected = load_file(str(straight / WEIGHTS_NAME))
-    actual = load_file(str(killed / WEIGHTS_NAME))
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, rtol=1e-5, atol=1e-6)
+    assert len(read_losses(killed)) == 60 // 10  # log_every defaults to 10 steps
+    assert_same_run(straight, killed)
 
 
 def test_sigkill_during_saves_leaves_loadable_checkpoint(tiny_model_dir, corpus_dir, tmp_path):
