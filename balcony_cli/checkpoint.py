@@ -66,6 +66,22 @@ def fingerprint_weights(model: torch.nn.Module) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def checkpoint_fingerprint(directory: Path) -> str:
+    """Return the SHA-256 of a checkpoint's balcony.safetensors, naming its trained exits exactly.
+
+    Reports (eval, bench, the export model card) carry it, so that one report can be checked
+    against another from the same checkpoint.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(Path(directory) / WEIGHTS_NAME, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        raise BadInputError(f"{Path(directory) / WEIGHTS_NAME}: missing; the checkpoint is incomplete") from None
+    return "sha256:" + digest.hexdigest()
+
+
 # Atomic writes.
 
 

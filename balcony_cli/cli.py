@@ -398,6 +398,127 @@ def export(
     console.print(table)
 
 
+def _check_new_file(flag: str, path: str | None, overwrite: bool) -> None:
+    """Reject an existing output file before a long run, unless --overwrite is given."""
+    if path and path != "-" and Path(path).exists() and not overwrite:
+        raise BadInputError(f"{flag} {path!r}: the file exists; pass --overwrite or choose another path")
+
+
+def _format_metric(task: dict[str, Any] | None) -> str:
+    if task is None:
+        return "-"
+    metrics = task["metrics"]
+    value = metrics[task["primary"]]
+    stderr = metrics.get(f"{task['primary']}_stderr")
+    return f"{value:.3f}" if stderr is None else f"{value:.3f} ± {stderr:.3f}"
+
+
+def eval_rich_table(result, tasks: list[str], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("row")
+    for name in tasks:
+        primary = result.rows[0].tasks[name]["primary"] if result.rows[0].tasks else ""
+        table.add_column(f"{name}\n{primary}", justify="right")
+    if tasks:
+        table.add_column("average", justify="right")
+    if any(row.perplexity for row in result.rows):
+        table.add_column("perplexity", justify="right")
+    for column in ("layers", "parameters", "relative compute"):
+        table.add_column(column, justify="right")
+    for row in result.rows:
+        cells = [row.name, *(_format_metric(row.tasks.get(name)) for name in tasks)]
+        if tasks:
+            cells.append(f"{row.average:.3f}")
+        if row.perplexity:
+            cells.append(_format_ppl(row.perplexity["value"]))
+        cells += [str(row.layers), f"{row.parameters / 1e6:,.1f} M", f"{row.relative_compute:.3f}"]
+        table.add_row(*cells)
+    return table
+
+
+@app.command("eval")
+@_handle_errors
+def eval_command(
+    checkpoint: Path = typer.Option(DEFAULT_OUTPUT, "--checkpoint", "-c", help="Balcony checkpoint directory."),
+    tasks: str = typer.Option(
+        "", "--tasks", help="Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc (arc_easy + "
+        "arc_challenge). Offline: hellaswag, arc_easy, arc_challenge, arc, piqa, winogrande, boolq, "
+        "lambada_openai, openbookqa."
+    ),
+    exits: Optional[str] = typer.Option(None, "--exits", help="Exits to evaluate (comma list); default all."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Examples per task; default the whole split."),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="Folder of local task files (default $BALCONY_DATA_DIR); without one, hub datasets."
+    ),
+    perplexity: Optional[Path] = typer.Option(
+        None, "--perplexity", help="Text file to score each row's perplexity on, e.g. wikitext2_raw/wiki.test.raw."
+    ),
+    ppl_tokens: int = typer.Option(20000, "--ppl-tokens", help="Tokens of the --perplexity text scored."),
+    ppl_window: int = typer.Option(512, "--ppl-window", help="Perplexity window, in tokens."),
+    baselines: str = typer.Option(
+        "", "--baselines", help="Rows at each exit's depth: naive (no Balcony layer), prune (ShortGPT-style)."
+    ),
+    calibration_text: Optional[Path] = typer.Option(
+        None, "--calibration-text", help="Text for the pruning score; default the first Gutenberg book under "
+        "$BALCONY_DATA_DIR."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    allow_base_mismatch: bool = typer.Option(
+        False, "--allow-base-mismatch", help="Load the checkpoint even if the base weights differ from training."
+    ),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write every row as JSON ('-': stdout)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
+) -> None:
+    """Evaluate the full model, every exit and the baselines with lm-evaluation-harness and perplexity."""
+    from balcony_cli.baselines import default_calibration_text
+    from balcony_cli.checkpoint import read_balcony_config
+    from balcony_cli.evaluate import EvalRequest, evaluate
+    from balcony_cli.offline_tasks import expand_task_names, resolve_data_dir
+
+    _check_new_file("--json", json_path, overwrite)
+    read_balcony_config(checkpoint)
+    data_path = resolve_data_dir(data_dir)
+    task_names = expand_task_names(tasks, offline=data_path is not None) if tasks.strip() else []
+    exit_list = None
+    if exits is not None:
+        num_layers = read_balcony_config(checkpoint)["base_model"]["num_layers"]
+        from balcony_cli.exits import parse_exits
+
+        exit_list = parse_exits(exits, num_layers)
+    baseline_list = [b.strip() for b in baselines.split(",") if b.strip()]
+    request = EvalRequest(
+        checkpoint=checkpoint, tasks=task_names, data_dir=data_path, limit=limit, exits=exit_list,
+        baselines=baseline_list, perplexity_text=perplexity, ppl_tokens=ppl_tokens, ppl_window=ppl_window,
+        calibration_text=calibration_text or (default_calibration_text() if "prune" in baseline_list else None),
+        batch_size=batch_size, device=device, dtype=dtype, allow_base_mismatch=allow_base_mismatch,
+    )
+    request.validate()
+    if not _state["debug"]:
+        # The harness logs every task's setup at WARNING; the table reports what matters.
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+    def on_row(name: str, index: int, total: int) -> None:
+        if console.is_terminal:
+            console.rule(f"[bold]{name}[/bold] ({index + 1}/{total})")
+
+    result = evaluate(request, on_row=on_row)
+    settings = {key: (str(value) if isinstance(value, Path) else value)
+                for key, value in dataclasses.asdict(request).items()}
+    if json_path:
+        _write_json(json_path, _json_document(settings, result.base_fingerprint, checkpoint=result.checkpoint,
+                                              versions=result.versions, rows=result.rows_json()), overwrite)
+    if json_path == "-":
+        return
+    limit_text = f"{limit} examples per task" if limit else "whole splits"
+    title = f"{checkpoint}: {limit_text}" + (", local data" if data_path else "")
+    console.print(eval_rich_table(result, task_names, title))
+    if data_path and task_names:
+        console.print("Local HellaSwag and ARC files differ slightly from the hub versions (see the README), so "
+                      "scores are close to, not equal to, published harness numbers.", style="dim")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

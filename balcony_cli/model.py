@@ -150,22 +150,18 @@ class BalconyModel(nn.Module):
             self._views[exit] = view
         return view
 
+    def naive_model(self, exit: int) -> nn.Module:
+        """Return the naive early exit at layer `exit`: layers 1..k, the base's final norm and head.
+
+        Like `exit_model`, the result is a view of the base class that shares every module.
+        """
+        if not 1 <= exit < self.num_layers:
+            raise BadInputError(f"naive exit {exit}: expected a layer in 1..{self.num_layers - 1}")
+        return build_view(self.base, self.layout.layers(self.base)[:exit], self.layout.final_norm(self.base))
+
     def _build_view(self, k: int) -> nn.Module:
-        layout = self.layout
-        config = layout.truncated_config(self.base.config, k + 1)
-        body = layout.body(self.base)
-        body_view = _shallow_module_copy(body)
-        setattr(
-            body_view,
-            layout.layers_attr,
-            nn.ModuleList([*layout.layers(self.base)[:k], self.exit_layers[str(k)]]),
-        )
-        setattr(body_view, layout.final_norm_attr, self.exit_norms[str(k)])
-        body_view.config = config
-        view = _shallow_module_copy(self.base)
-        setattr(view, layout.body_attr, body_view)
-        view.config = config
-        return view
+        layers = [*self.layout.layers(self.base)[:k], self.exit_layers[str(k)]]
+        return build_view(self.base, layers, self.exit_norms[str(k)])
 
     def forward(self, input_ids: torch.Tensor | None = None, exit: int | Literal["all"] | None = None, **kwargs):
         """Run exit `exit` (None: the full model) and return the base class's usual causal-LM output.
@@ -246,6 +242,25 @@ class BalconyModel(nn.Module):
             naive_hidden=naive_hidden if naive else None,
             losses=losses,
         )
+
+
+def build_view(base: nn.Module, layers: Sequence[nn.Module], final_norm: nn.Module) -> nn.Module:
+    """Return an instance of the base's class that runs `layers` and then `final_norm`.
+
+    The view shares the embeddings, the head and the given modules with their owners, so it costs no
+    weights. Its config says len(layers) layers, with per-layer lists cut to match. Each layer keeps
+    its own KV-cache index, so the layers must be the first ones of the base plus at most one more.
+    """
+    layout = layout_for(base.config)
+    config = layout.truncated_config(base.config, len(layers))
+    body_view = _shallow_module_copy(layout.body(base))
+    setattr(body_view, layout.layers_attr, nn.ModuleList(layers))
+    setattr(body_view, layout.final_norm_attr, final_norm)
+    body_view.config = config
+    view = _shallow_module_copy(base)
+    setattr(view, layout.body_attr, body_view)
+    view.config = config
+    return view
 
 
 def _shallow_module_copy(module: nn.Module) -> nn.Module:

@@ -123,3 +123,25 @@ def perplexity_table(
         naive={k: perplexity_from_nll(v, tokens) for k, v in naive_nll.items()} if naive else {},
         exits={k: perplexity_from_nll(v, tokens) for k, v in exit_nll.items()},
     )
+
+
+@torch.no_grad()
+def model_perplexity(model: nn.Module, windows: Sequence[torch.Tensor], batch_size: int = 4) -> float:
+    """Score the windows with any causal LM of a supported layout (a pruned baseline, an exported exit)."""
+    from balcony_cli.architectures import layout_for
+
+    layout = layout_for(model.config)
+    body, head = layout.body(model), layout.head(model)
+    device = next(model.parameters()).device
+    total_nll, tokens = 0.0, 0
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for window in windows:
+        by_length.setdefault(len(window), []).append(window)
+    for same_length in by_length.values():
+        for start in range(0, len(same_length), batch_size):
+            input_ids = torch.stack(same_length[start : start + batch_size]).to(device)  # (batch, seq)
+            hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
+            labels = input_ids[:, 1:]
+            tokens += labels.numel()
+            total_nll += nll_sum(head, hidden[:, :-1], labels)
+    return perplexity_from_nll(total_nll, tokens)

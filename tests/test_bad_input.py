@@ -146,7 +146,31 @@ CASES = [
     ("export-truncated-weights", lambda p: export_argv(p, truncate_weights(p)), ["truncated or corrupted"]),
     ("export-base-mismatch", lambda p: export_argv(p, edit_config(p, base_fingerprint="sha256:" + "0" * 64)),
      ["sha256:0000", "--allow-base-mismatch"]),
+    # eval
+    ("eval-unknown-task", lambda p: eval_argv(p, "--tasks", "helaswag"), ["'helaswag'", "did you mean hellaswag"]),
+    ("eval-missing-task-file", lambda p: eval_argv(p, "--tasks", "piqa"),
+     ["task piqa", "piqa/valid.jsonl", "--data-dir"]),
+    ("eval-exit-not-in-checkpoint", lambda p: eval_argv(p, "--tasks", "hellaswag", "--exits", "3"),
+     ["--exits 3", "1,2"]),
+    ("eval-not-a-checkpoint", lambda p: ["eval", "-c", str(make_dir(p.tmp / "plain")), "--tasks", "hellaswag"],
+     ["no balcony_config.json"]),
+    ("eval-limit-0", lambda p: eval_argv(p, "--tasks", "hellaswag", "--limit", "0"), ["--limit 0", "positive"]),
+    ("eval-limit-negative", lambda p: eval_argv(p, "--tasks", "hellaswag", "--limit", "-5"), ["--limit -5"]),
+    ("eval-bad-baseline", lambda p: eval_argv(p, "--tasks", "hellaswag", "--baselines", "prune,distil"),
+     ["--baselines distil", "naive, prune"]),
+    ("eval-missing-perplexity-text", lambda p: eval_argv(p, "--perplexity", str(p.tmp / "none.txt")),
+     ["--perplexity", "not found"]),
+    ("eval-nothing-to-do", lambda p: eval_argv(p), ["--tasks", "--perplexity"]),
 ]
+
+
+def eval_argv(p: Paths, *extra: str) -> list[str]:
+    """Evaluate the tiny checkpoint against an empty data folder, writing JSON to the output path."""
+    data_dir = p.tmp / "data"
+    data_dir.mkdir(exist_ok=True)
+    (data_dir / "hellaswag").mkdir(exist_ok=True)
+    (data_dir / "hellaswag" / "hellaswag_val.jsonl").write_text("")
+    return ["eval", "-c", str(p.checkpoint), "--data-dir", str(data_dir), "--json", str(p.output), *extra]
 
 
 @pytest.mark.parametrize(("argv", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -161,7 +185,7 @@ def test_bad_input_exits_2(paths, argv, fragments):
     assert not paths.output.exists()
 
 
-@pytest.mark.parametrize("verb", ["insert", "train", "export"])
+@pytest.mark.parametrize("verb", ["insert", "train", "export", "eval"])
 def test_existing_output_kept(paths, verb):
     paths.output.mkdir()
     (paths.output / "keep.txt").write_text("keep")
@@ -169,6 +193,8 @@ def test_existing_output_kept(paths, verb):
         "insert": ["insert", str(paths.model), "--exits", "2", "-o", str(paths.output)],
         "train": train_argv(paths, "--exits", "2"),
         "export": export_argv(paths),
+        "eval": ["eval", "-c", str(paths.checkpoint), "--perplexity", str(write(paths.tmp / "t.txt", "a b c")),
+                 "--json", str(paths.output / "keep.txt")],
     }[verb]
     result = runner.invoke(app, argv)
     assert result.exit_code == 2, result.output

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from balcony_cli.compute import ComputeProfile, exit_for_budget, exit_layers
 from balcony_cli.errors import BadInputError
-from tests.conftest import tiny_model
+from conftest import tiny_model
 
 
 def test_tiny_llama_flops_by_hand():

@@ -1,0 +1,136 @@
+"""The `balcony` model of lm-evaluation-harness: one row of a Balcony checkpoint behind the harness's HFLM.
+
+Every row (full model, exit k, naive exit k, pruned k) is an ordinary transformers model of the base's
+class, so the harness's own HFLM scores it: tokenisation, batching, loglikelihood and metrics are the
+harness's. This class only builds the row's model and hands it to HFLM.
+
+Importing `balcony_cli` registers the name (see `balcony_cli/__init__.py`), so that
+`lm_eval.simple_evaluate(model="balcony", model_args="pretrained=CHECKPOINT,exit=15", ...)` works.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from lm_eval.models.huggingface import HFLM
+from torch import nn
+
+from balcony_cli.errors import BadInputError
+from balcony_cli.model import BalconyModel
+
+logger = logging.getLogger(__name__)
+
+RowKind = Literal["full", "exit", "naive", "pruned"]
+ROW_KINDS: tuple[RowKind, ...] = ("full", "exit", "naive", "pruned")
+
+
+@dataclass
+class Row:
+    """One evaluated model: its kind, its exit layer and the transformers model that runs it."""
+
+    kind: RowKind
+    k: int | None
+    model: nn.Module
+    layers: int
+    kept_layers: list[int] | None = None
+
+    @property
+    def name(self) -> str:
+        return "full" if self.kind == "full" else f"{self.kind} {self.k}"
+
+
+def parse_exit(value: int | str | None, model: BalconyModel) -> int | None:
+    """Read the `exit` model argument: a layer index, or None / "full" / the layer count for the full model."""
+    if value is None or str(value).strip().lower() in ("", "full", "none"):
+        return None
+    try:
+        exit = int(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"exit={value!r}: expected a layer index such as 15, or 'full'") from None
+    return None if exit == model.num_layers else exit
+
+
+def build_row(model: BalconyModel, kind: RowKind, k: int | None, pruned_keep: list[int] | None = None) -> Row:
+    """Return the row of `kind` at exit layer `k`; `pruned_keep` (0-based layers) is required for pruned rows."""
+    if kind not in ROW_KINDS:
+        raise BadInputError(f"kind={kind!r}: expected one of {', '.join(ROW_KINDS)}")
+    if kind == "full" or k is None:
+        return Row("full", None, model.base, model.num_layers)
+    if kind == "exit":
+        return Row("exit", k, model.exit_model(k), k + 1)
+    if kind == "naive":
+        return Row("naive", k, model.naive_model(k), k)
+    from balcony_cli.baselines import pruned_model
+
+    if pruned_keep is None:
+        raise BadInputError(f"pruned {k}: no layers chosen; compute block influence first")
+    pruned = pruned_model(model.base, pruned_keep)
+    return Row("pruned", k, pruned.model, len(pruned_keep), kept_layers=pruned.kept_layers)
+
+
+class BalconyLM(HFLM):
+    """lm-evaluation-harness model for one row of a Balcony checkpoint.
+
+    Model arguments: `pretrained` (checkpoint directory, default balcony-out), `exit` (a layer index or
+    `full`), `kind` (exit, naive or pruned; default exit), `dtype`, `allow_base_mismatch`, and the
+    usual HFLM ones (batch_size, max_length, ...). A pruned row scores block influence on the default
+    calibration text first. `balcony eval` passes a ready `Row` and tokenizer instead of a path.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | Row = "balcony-out",
+        exit: int | str | None = None,
+        kind: RowKind = "exit",
+        tokenizer=None,
+        device: str | None = "cpu",
+        dtype: str | torch.dtype = "float32",
+        batch_size: int | str = 1,
+        allow_base_mismatch: bool = False,
+        **kwargs,
+    ) -> None:
+        if isinstance(pretrained, Row):
+            row = pretrained
+        else:
+            row, tokenizer = _row_from_checkpoint(str(pretrained), exit, kind, dtype, bool(allow_base_mismatch))
+        # HFLM ignores `device` when it is given a model object, so the model is placed here.
+        if device is not None:
+            row.model.to(device)
+        self.row = row
+        super().__init__(pretrained=row.model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+
+
+def _row_from_checkpoint(checkpoint: str, exit, kind: RowKind, dtype, allow_base_mismatch: bool):
+    from balcony_cli.checkpoint import base_source, load_balcony
+    from balcony_cli.loading import load_tokenizer
+
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model, config = load_balcony(checkpoint, dtype=torch_dtype, allow_base_mismatch=allow_base_mismatch)
+    if not config.get("trained"):
+        logger.warning("checkpoint %s is untrained: its exits are evaluated as inserted", checkpoint)
+    k = parse_exit(exit, model)
+    keep = None
+    if kind == "pruned" and k is not None:
+        keep = _pruned_keep(model, load_tokenizer(base_source(config)), k)
+    row = build_row(model, kind if k is not None else "full", k, pruned_keep=keep)
+    return row, load_tokenizer(base_source(config))
+
+
+def _pruned_keep(model: BalconyModel, tokenizer, k: int) -> list[int]:
+    from balcony_cli.baselines import (
+        CALIBRATION_TOKENS,
+        CALIBRATION_WINDOW,
+        block_influence,
+        default_calibration_text,
+        layers_to_keep,
+    )
+    from balcony_cli.perplexity import perplexity_windows, read_eval_text
+
+    text = default_calibration_text()
+    if text is None:
+        raise BadInputError("kind=pruned needs a calibration text; set BALCONY_DATA_DIR to the shared data folder")
+    windows = perplexity_windows(tokenizer, read_eval_text(text), CALIBRATION_TOKENS, CALIBRATION_WINDOW)
+    return layers_to_keep(block_influence(model.base, windows), k + 1)
