@@ -519,6 +519,152 @@ def eval_command(
                       "scores are close to, not equal to, published harness numbers.", style="dim")
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BadInputError(f"{flag} {text!r}: expected a comma list of integers such as 128,512") from None
+
+
+def _bench_exits(checkpoint: Path, exits: str | None, exit: str | None) -> list[int] | None:
+    """Resolve --exits / --exit against the checkpoint; None means all of its exits."""
+    from balcony_cli.checkpoint import read_balcony_config
+
+    if exits is not None and exit is not None:
+        raise BadInputError("--exit and --exits both given; --exit K is short for --exits K, so pass one")
+    text = exits if exits is not None else exit
+    if text is None or text.strip() == "all":
+        return None
+    config = read_balcony_config(checkpoint)
+    values = _int_list("--exits", text)
+    missing = [k for k in values if k not in config["exits"]]
+    if missing or not values:
+        raise BadInputError(f"--exits {text}: this checkpoint has exits {','.join(map(str, config['exits']))}")
+    return values
+
+
+def bench_rich_table(result) -> Table:
+    hardware = result.hardware
+    table = Table(title=f"Speed on {hardware['device']} ({hardware['threads']} threads): medians of repeats")
+    rows = result.rows
+    lengths = list(rows[0]["prefill"])
+    batches = list(rows[0]["decode"])
+    table.add_column("row")
+    table.add_column("layers", justify="right")
+    for length in lengths:
+        table.add_column(f"prefill {length}\n(ms)", justify="right")
+    table.add_column("first token\n(ms)", justify="right")
+    for batch in batches:
+        table.add_column(f"decode b={batch}\n(tok/s)", justify="right")
+    table.add_column(f"speedup\nb={batches[0]}", justify="right")
+    table.add_column("FLOP\nideal", justify="right")
+    table.add_column("achieved\n/ ideal", justify="right")
+    table.add_column("KV cache\n(layers, B/token)", justify="right")
+    table.add_column("peak memory\n(MiB)", justify="right")
+    for row in rows:
+        table.add_row(
+            row["name"], str(row["layers"]),
+            *(f"{row['prefill'][n]['median_s'] * 1e3:,.1f}" for n in lengths),
+            f"{row['time_to_first_token_s']['median'] * 1e3:,.1f}",
+            *(f"{row['decode'][b]['tokens_per_s']['median']:,.1f}" for b in batches),
+            f"{row['speedup']['decode']:.2f}x", f"{row['ideal_speedup']:.2f}x",
+            f"{row['speedup']['achieved_over_ideal']:.2f}",
+            f"{row['kv_cache']['layers']}, {row['kv_cache']['bytes_per_token']:,}",
+            f"{row['peak_memory_bytes'] / 2**20:,.0f}",
+        )
+    return table
+
+
+@app.command("bench")
+@_handle_errors
+def bench_command(
+    checkpoint: Path = typer.Option(DEFAULT_OUTPUT, "--checkpoint", "-c", help="Balcony checkpoint directory."),
+    exits: Optional[str] = typer.Option(None, "--exits", help="Exits to measure (comma list) or 'all' (default)."),
+    exit: Optional[str] = typer.Option(None, "--exit", help="One exit to measure; short for --exits K."),
+    baselines: str = typer.Option("", "--baselines", help="Also measure naive and/or prune rows (comma list)."),
+    prompt_lengths: str = typer.Option("128,512,2048", "--prompt-lengths", help="Prefill lengths, in tokens."),
+    batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Decode batch sizes; speedups use the first."),
+    decode_prompt: int = typer.Option(128, "--decode-prompt", help="Prompt tokens before decoding and for TTFT."),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="Decode steps timed per repeat."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed repeats per figure (the median is reported)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs before the repeats."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch; default torch's choice."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    calibration_text: Optional[Path] = typer.Option(
+        None, "--calibration-text", help="Text for the pruning score; default the first Gutenberg book under "
+        "$BALCONY_DATA_DIR."
+    ),
+    eval_json: Optional[Path] = typer.Option(None, "--eval-json", help="A `balcony eval --json` file for --plot."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the speed/accuracy trade-off plot (PNG)."),
+    allow_base_mismatch: bool = typer.Option(
+        False, "--allow-base-mismatch", help="Load the checkpoint even if the base weights differ from training."
+    ),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write every figure as JSON ('-': stdout)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --json and --plot files."),
+) -> None:
+    """Measure prefill, decode, time to first token and memory of the full model and every exit."""
+    from balcony_cli.baselines import default_calibration_text
+    from balcony_cli.bench import BenchRequest, bench, plot_tradeoff, read_eval_document
+
+    _check_new_file("--json", json_path, overwrite)
+    _check_new_file("--plot", str(plot) if plot else None, overwrite)
+    if plot is not None and eval_json is None:
+        raise BadInputError("--plot needs --eval-json: the plot's accuracies come from a `balcony eval --json` file")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise BadInputError(f"--plot {str(plot)!r}: expected a .png file name")
+    if eval_json is not None and not eval_json.is_file():
+        raise BadInputError(f"--eval-json {str(eval_json)!r}: file not found. Run `balcony eval --json` first")
+    baseline_list = [b.strip() for b in baselines.split(",") if b.strip()]
+    request = BenchRequest(
+        checkpoint=checkpoint, exits=_bench_exits(checkpoint, exits, exit), baselines=baseline_list,
+        prompt_lengths=_int_list("--prompt-lengths", prompt_lengths),
+        batch_sizes=_int_list("--batch-sizes", batch_sizes), decode_prompt=decode_prompt, new_tokens=new_tokens,
+        repeats=repeats, warmup=warmup, threads=threads, device=device, dtype=dtype,
+        calibration_text=calibration_text or (default_calibration_text() if "prune" in baseline_list else None),
+        allow_base_mismatch=allow_base_mismatch,
+    )
+    request.validate()
+    eval_document = None
+    if eval_json is not None:
+        from balcony_cli.checkpoint import checkpoint_fingerprint
+
+        # Checked before the measurements, so that a wrong file fails in seconds, not minutes.
+        identity = {"path": str(checkpoint.resolve()), "fingerprint": checkpoint_fingerprint(checkpoint)}
+        eval_document = read_eval_document(eval_json, identity)
+
+    def on_row(name: str, index: int, total: int) -> None:
+        if console.is_terminal:
+            console.print(f"[bold]{name}[/bold] ({index + 1}/{total})")
+
+    result = bench(request, on_row=on_row)
+    settings = {key: (str(value) if isinstance(value, Path) else value)
+                for key, value in dataclasses.asdict(request).items()}
+    if plot is not None:
+        from balcony_cli.checkpoint import atomic_write_bytes
+
+        temporary = plot.with_name(f".{plot.name}.tmp.png")
+        plot_tradeoff(temporary, result.rows, eval_document, title=f"{result.checkpoint['base_model']}: "
+                      f"speed against accuracy ({result.hardware['device']})")
+        atomic_write_bytes(plot, temporary.read_bytes())
+        temporary.unlink()
+    if json_path:
+        _write_json(json_path, _json_document(settings, result.base_fingerprint, hardware=result.hardware,
+                                              dtype=request.dtype, checkpoint=result.checkpoint,
+                                              components=result.components, rows=result.rows), overwrite)
+    if json_path == "-":
+        return
+    console.print(bench_rich_table(result))
+    parts = result.components
+    console.print(
+        "Measured parts of one decode token: embedding "
+        f"{parts['embedding']['median'] * 1e3:.3f} ms, one decoder layer {parts['decoder_layer']['median'] * 1e3:.3f} ms, "
+        f"norm + LM head {parts['norm_and_head']['median'] * 1e3:.3f} ms.", highlight=False,
+    )
+    if plot is not None:
+        console.print(f"Wrote the trade-off plot to {plot}")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

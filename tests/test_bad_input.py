@@ -161,7 +161,22 @@ CASES = [
     ("eval-missing-perplexity-text", lambda p: eval_argv(p, "--perplexity", str(p.tmp / "none.txt")),
      ["--perplexity", "not found"]),
     ("eval-nothing-to-do", lambda p: eval_argv(p), ["--tasks", "--perplexity"]),
+    # bench
+    ("bench-exit-not-in-checkpoint", lambda p: bench_argv(p, "--exit", "3"), ["--exits 3", "1,2"]),
+    ("bench-prompt-above-maximum", lambda p: bench_argv(p, "--prompt-lengths", "64,300"),
+     ["prompt length 300", "maximum of 256"]),
+    ("bench-cuda-without-gpu", lambda p: bench_argv(p, "--device", "cuda"), ["--device cuda", "--device cpu"]),
+    ("bench-eval-json-other-checkpoint", lambda p: bench_argv(
+        p, "--eval-json", str(write(p.tmp / "e.json", json.dumps(
+            {"rows": [], "checkpoint": {"path": "/elsewhere/ckpt", "fingerprint": "sha256:1"}}))),
+        "--plot", str(p.tmp / "plot.png")), ["--eval-json", "/elsewhere/ckpt"]),
+    ("bench-plot-without-eval-json", lambda p: bench_argv(p, "--plot", str(p.tmp / "plot.png")), ["--eval-json"]),
 ]
+
+
+def bench_argv(p: Paths, *extra: str) -> list[str]:
+    return ["bench", "-c", str(p.checkpoint), "--prompt-lengths", "8", "--batch-sizes", "1", "--new-tokens", "2",
+            "--repeats", "1", "--json", str(p.output), *extra]
 
 
 def eval_argv(p: Paths, *extra: str) -> list[str]:
@@ -185,7 +200,7 @@ def test_bad_input_exits_2(paths, argv, fragments):
     assert not paths.output.exists()
 
 
-@pytest.mark.parametrize("verb", ["insert", "train", "export", "eval"])
+@pytest.mark.parametrize("verb", ["insert", "train", "export", "eval", "bench"])
 def test_existing_output_kept(paths, verb):
     paths.output.mkdir()
     (paths.output / "keep.txt").write_text("keep")
@@ -195,6 +210,7 @@ def test_existing_output_kept(paths, verb):
         "export": export_argv(paths),
         "eval": ["eval", "-c", str(paths.checkpoint), "--perplexity", str(write(paths.tmp / "t.txt", "a b c")),
                  "--json", str(paths.output / "keep.txt")],
+        "bench": bench_argv(paths)[:-2] + ["--json", str(paths.output / "keep.txt")],
     }[verb]
     result = runner.invoke(app, argv)
     assert result.exit_code == 2, result.output
