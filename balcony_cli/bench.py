@@ -59,8 +59,11 @@ class BenchRequest:
         for flag, values in (("--prompt-lengths", self.prompt_lengths), ("--batch-sizes", self.batch_sizes)):
             if not values or any(v <= 0 for v in values):
                 raise BadInputError(f"{flag} {','.join(map(str, values))}: expected positive integers")
-        for flag, value in (("--new-tokens", self.new_tokens), ("--repeats", self.repeats),
-                            ("--decode-prompt", self.decode_prompt)):
+        for flag, value in (
+            ("--new-tokens", self.new_tokens),
+            ("--repeats", self.repeats),
+            ("--decode-prompt", self.decode_prompt),
+        ):
             if value <= 0:
                 raise BadInputError(f"{flag} {value}: expected a positive integer")
         if self.warmup < 0:
@@ -103,7 +106,12 @@ def timed(function: Callable[[], Any], device: torch.device, repeats: int, warmu
 
 def spread(values: list[float]) -> dict[str, float | int]:
     """Summarise repeated measurements as median, min, max and count."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "repeats": len(values),
+    }
 
 
 def _rss_bytes() -> int:
@@ -194,13 +202,22 @@ def measure_row(model: nn.Module, request: BenchRequest, device: torch.device) -
     with PeakMemory(device) as memory:
         for length in request.prompt_lengths:
             ids = random_ids(vocab, 1, length, request.seed).to(device)
-            seconds = timed(lambda ids=ids: model(input_ids=ids, use_cache=True, logits_to_keep=1), device,
-                            request.repeats, request.warmup)
-            figures["prefill"][str(length)] = {f"{key}_s" if key != "repeats" else key: value
-                                               for key, value in spread(seconds).items()}
+            seconds = timed(
+                lambda ids=ids: model(input_ids=ids, use_cache=True, logits_to_keep=1),
+                device,
+                request.repeats,
+                request.warmup,
+            )
+            figures["prefill"][str(length)] = {
+                f"{key}_s" if key != "repeats" else key: value for key, value in spread(seconds).items()
+            }
         prompt = random_ids(vocab, 1, request.decode_prompt, request.seed + 1).to(device)
-        ttft = timed(lambda: model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False),
-                     device, request.repeats, request.warmup)
+        ttft = timed(
+            lambda: model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False),
+            device,
+            request.repeats,
+            request.warmup,
+        )
         figures["time_to_first_token_s"] = spread(ttft)
         for batch in request.batch_sizes:
             prompt = random_ids(vocab, batch, request.decode_prompt, request.seed + 2).to(device)
@@ -251,9 +268,14 @@ class BenchResult:
 
 
 def hardware(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__}
+    info = {
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
     return info
@@ -283,29 +305,42 @@ def bench(request: BenchRequest, on_row: Callable[[str, int, int], None] | None 
     exits = config["exits"] if request.exits is None else request.exits
     missing = [k for k in exits if k not in config["exits"]]
     if missing:
-        raise BadInputError(f"--exits {','.join(map(str, missing))}: this checkpoint has exits "
-                            f"{','.join(map(str, config['exits']))}")
+        raise BadInputError(
+            f"--exits {','.join(map(str, missing))}: this checkpoint has exits "
+            f"{','.join(map(str, config['exits']))}"
+        )
     if "prune" in request.baselines and request.calibration_text is None:
-        raise BadInputError("--baselines prune needs a calibration text: pass --calibration-text FILE or set "
-                            "BALCONY_DATA_DIR to a folder with gutenberg/books/*.txt")
+        raise BadInputError(
+            "--baselines prune needs a calibration text: pass --calibration-text FILE or set "
+            "BALCONY_DATA_DIR to a folder with gutenberg/books/*.txt"
+        )
     if request.threads is not None:
         torch.set_num_threads(request.threads)
     device = torch.device(request.device)
-    model, config = load_balcony(request.checkpoint, dtype=getattr(torch, request.dtype),
-                                 allow_base_mismatch=request.allow_base_mismatch)
+    model, config = load_balcony(
+        request.checkpoint,
+        dtype=getattr(torch, request.dtype),
+        allow_base_mismatch=request.allow_base_mismatch,
+    )
     model.to(device)
     check_max_length(model.base, request)
     profile = ComputeProfile.of(model.base)
 
     keep: dict[int, list[int]] = {}
     if "prune" in request.baselines:
-        from balcony_cli.baselines import CALIBRATION_TOKENS, CALIBRATION_WINDOW, block_influence, layers_to_keep
+        from balcony_cli.baselines import (
+            CALIBRATION_TOKENS,
+            CALIBRATION_WINDOW,
+            block_influence,
+            layers_to_keep,
+        )
         from balcony_cli.loading import load_tokenizer
         from balcony_cli.perplexity import perplexity_windows, read_eval_text
 
         tokenizer = load_tokenizer(base_source(config))
-        windows = perplexity_windows(tokenizer, read_eval_text(request.calibration_text), CALIBRATION_TOKENS,
-                                     CALIBRATION_WINDOW)
+        windows = perplexity_windows(
+            tokenizer, read_eval_text(request.calibration_text), CALIBRATION_TOKENS, CALIBRATION_WINDOW
+        )
         influence = block_influence(model.base, windows)
         keep = {k: layers_to_keep(influence, k + 1) for k in exits}
 
@@ -323,35 +358,54 @@ def bench(request: BenchRequest, on_row: Callable[[str, int, int], None] | None 
         if on_row is not None:
             on_row(row.name, index, len(plan))
         figures = measure_row(row.model, request, device)
-        rows.append({"name": row.name, "kind": row.kind, "k": row.k, "layers": row.layers,
-                     "relative_compute": profile.relative_compute(row.layers),
-                     "ideal_speedup": profile.ideal_speedup(row.layers), **figures})
+        rows.append(
+            {
+                "name": row.name,
+                "kind": row.kind,
+                "k": row.k,
+                "layers": row.layers,
+                "relative_compute": profile.relative_compute(row.layers),
+                "ideal_speedup": profile.ideal_speedup(row.layers),
+                **figures,
+            }
+        )
 
     reference = str(request.batch_sizes[0])
     full_rate = rows[0]["decode"][reference]["tokens_per_s"]["median"]
     for row in rows:
         speedup = row["decode"][reference]["tokens_per_s"]["median"] / full_rate
-        row["speedup"] = {"batch_size": request.batch_sizes[0], "decode": speedup,
-                          "achieved_over_ideal": speedup / row["ideal_speedup"]}
+        row["speedup"] = {
+            "batch_size": request.batch_sizes[0],
+            "decode": speedup,
+            "achieved_over_ideal": speedup / row["ideal_speedup"],
+        }
         for batch in request.batch_sizes:
             full_batch = rows[0]["decode"][str(batch)]["tokens_per_s"]["median"]
-            row["decode"][str(batch)]["speedup"] = row["decode"][str(batch)]["tokens_per_s"]["median"] / full_batch
+            row["decode"][str(batch)]["speedup"] = (
+                row["decode"][str(batch)]["tokens_per_s"]["median"] / full_batch
+            )
 
     components = component_times(model.base, request, device)
     layer_s = components["decoder_layer"]["median"]
     fixed_s = components["embedding"]["median"] + components["norm_and_head"]["median"]
     for row in rows:
         # The decode speedup that the measured parts predict, for comparison with the FLOP ideal.
-        row["component_speedup"] = (fixed_s + profile.num_layers * layer_s) / (fixed_s + row["layers"] * layer_s)
+        row["component_speedup"] = (fixed_s + profile.num_layers * layer_s) / (
+            fixed_s + row["layers"] * layer_s
+        )
 
     return BenchResult(
         rows=rows,
         components=components,
         hardware=hardware(device),
-        checkpoint={"path": str(Path(request.checkpoint).resolve()), "base_model": config["base_model"]["spec"],
-                    "num_layers": config["base_model"]["num_layers"], "exits": config["exits"],
-                    "trained": bool(config.get("trained")),
-                    "fingerprint": checkpoint_fingerprint(request.checkpoint)},
+        checkpoint={
+            "path": str(Path(request.checkpoint).resolve()),
+            "base_model": config["base_model"]["spec"],
+            "num_layers": config["base_model"]["num_layers"],
+            "exits": config["exits"],
+            "trained": bool(config.get("trained")),
+            "fingerprint": checkpoint_fingerprint(request.checkpoint),
+        },
         base_fingerprint=config["base_fingerprint"],
     )
 
@@ -366,7 +420,9 @@ def read_eval_document(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]
     try:
         document = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise BadInputError(f"--eval-json {str(path)!r}: file not found. Run `balcony eval --json` first") from None
+        raise BadInputError(
+            f"--eval-json {str(path)!r}: file not found. Run `balcony eval --json` first"
+        ) from None
     except json.JSONDecodeError as error:
         raise BadInputError(f"--eval-json {str(path)!r}: invalid JSON ({error})") from None
     if not isinstance(document, dict) or "rows" not in document or "checkpoint" not in document:
@@ -381,14 +437,28 @@ def read_eval_document(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]
     return document
 
 
-MARKERS = {"full": ("*", "black"), "exit": ("o", "tab:blue"), "pruned": ("s", "tab:orange"),
-           "naive": ("x", "tab:red")}
-LABELS = {"full": "full model", "exit": "Balcony exit", "pruned": "pruned (block influence)",
-          "naive": "naive early exit"}
+MARKERS = {
+    "full": ("*", "black"),
+    "exit": ("o", "tab:blue"),
+    "pruned": ("s", "tab:orange"),
+    "naive": ("x", "tab:red"),
+}
+LABELS = {
+    "full": "full model",
+    "exit": "Balcony exit",
+    "pruned": "pruned (block influence)",
+    "naive": "naive early exit",
+}
 
 
-def plot_tradeoff(path: Path, bench_rows: list[dict[str, Any]], eval_document: dict[str, Any],
-                  title: str, size_inches: tuple[float, float] = (7.0, 5.0), dpi: int = 100) -> None:
+def plot_tradeoff(
+    path: Path,
+    bench_rows: list[dict[str, Any]],
+    eval_document: dict[str, Any],
+    title: str,
+    size_inches: tuple[float, float] = (7.0, 5.0),
+    dpi: int = 100,
+) -> None:
     """Draw accuracy (the eval average) against measured decode speedup, one marker style per row kind."""
     import matplotlib
 
@@ -406,13 +476,22 @@ def plot_tradeoff(path: Path, bench_rows: list[dict[str, Any]], eval_document: d
         label = LABELS[row["kind"]] if row["kind"] not in plotted else None
         plotted.add(row["kind"])
         axes.scatter(row["speedup"]["decode"], value, marker=marker, color=colour, s=70, label=label)
-        axes.annotate(row["name"], (row["speedup"]["decode"], value), textcoords="offset points", xytext=(5, 5),
-                      fontsize=8)
+        axes.annotate(
+            row["name"],
+            (row["speedup"]["decode"], value),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
     if not plotted:
         plt.close(figure)
-        raise BadInputError("--eval-json: none of its rows matches a benchmarked row; evaluate the same exits")
+        raise BadInputError(
+            "--eval-json: none of its rows matches a benchmarked row; evaluate the same exits"
+        )
     tasks = sorted({task for row in eval_document["rows"] for task in row.get("tasks", {})})
-    axes.set_xlabel(f"measured decode speedup over the full model (batch {bench_rows[0]['speedup']['batch_size']})")
+    axes.set_xlabel(
+        f"measured decode speedup over the full model (batch {bench_rows[0]['speedup']['batch_size']})"
+    )
     axes.set_ylabel(f"average accuracy ({', '.join(tasks)})")
     axes.set_title(title)
     axes.grid(alpha=0.3)

@@ -398,6 +398,35 @@ def export(
     console.print(table)
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BadInputError(f"{flag} {text!r}: expected a comma list of integers such as 128,512") from None
+
+
+def _checkpoint_exits(checkpoint: Path, exits: str | None, exit: str | None) -> list[int] | None:
+    """Resolve --exits or --exit against the checkpoint's exits; None means all of them."""
+    from balcony_cli.checkpoint import read_balcony_config
+
+    if exits is not None and exit is not None:
+        raise BadInputError("--exit and --exits both given; --exit K is short for --exits K, so pass one")
+    text = exits if exits is not None else exit
+    if text is None or text.strip() == "all":
+        return None
+    config = read_balcony_config(checkpoint)
+    values = _int_list("--exits", text)
+    missing = [k for k in values if k not in config["exits"]]
+    if missing or not values:
+        raise BadInputError(f"--exits {text}: this checkpoint has exits {','.join(map(str, config['exits']))}")
+    return values
+
+
+def _print_wide(table: Table) -> None:
+    """Print a table of many columns; in a pipe or log, where rich assumes 80 columns, allow 160."""
+    console.print(table, width=None if console.is_terminal else max(console.width, 160))
+
+
 def _check_new_file(flag: str, path: str | None, overwrite: bool) -> None:
     """Reject an existing output file before a long run, unless --overwrite is given."""
     if path and path != "-" and Path(path).exists() and not overwrite:
@@ -481,12 +510,7 @@ def eval_command(
     read_balcony_config(checkpoint)
     data_path = resolve_data_dir(data_dir)
     task_names = expand_task_names(tasks, offline=data_path is not None) if tasks.strip() else []
-    exit_list = None
-    if exits is not None:
-        num_layers = read_balcony_config(checkpoint)["base_model"]["num_layers"]
-        from balcony_cli.exits import parse_exits
-
-        exit_list = parse_exits(exits, num_layers)
+    exit_list = _checkpoint_exits(checkpoint, exits, None)
     baseline_list = [b.strip() for b in baselines.split(",") if b.strip()]
     request = EvalRequest(
         checkpoint=checkpoint, tasks=task_names, data_dir=data_path, limit=limit, exits=exit_list,
@@ -503,7 +527,7 @@ def eval_command(
         if console.is_terminal:
             console.rule(f"[bold]{name}[/bold] ({index + 1}/{total})")
 
-    result = evaluate(request, on_row=on_row)
+    result = evaluate(request, on_row=on_row, progress=console.is_terminal)
     settings = {key: (str(value) if isinstance(value, Path) else value)
                 for key, value in dataclasses.asdict(request).items()}
     if json_path:
@@ -513,34 +537,10 @@ def eval_command(
         return
     limit_text = f"{limit} examples per task" if limit else "whole splits"
     title = f"{checkpoint}: {limit_text}" + (", local data" if data_path else "")
-    console.print(eval_rich_table(result, task_names, title))
+    _print_wide(eval_rich_table(result, task_names, title))
     if data_path and task_names:
         console.print("Local HellaSwag and ARC files differ slightly from the hub versions (see the README), so "
                       "scores are close to, not equal to, published harness numbers.", style="dim")
-
-
-def _int_list(flag: str, text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise BadInputError(f"{flag} {text!r}: expected a comma list of integers such as 128,512") from None
-
-
-def _bench_exits(checkpoint: Path, exits: str | None, exit: str | None) -> list[int] | None:
-    """Resolve --exits / --exit against the checkpoint; None means all of its exits."""
-    from balcony_cli.checkpoint import read_balcony_config
-
-    if exits is not None and exit is not None:
-        raise BadInputError("--exit and --exits both given; --exit K is short for --exits K, so pass one")
-    text = exits if exits is not None else exit
-    if text is None or text.strip() == "all":
-        return None
-    config = read_balcony_config(checkpoint)
-    values = _int_list("--exits", text)
-    missing = [k for k in values if k not in config["exits"]]
-    if missing or not values:
-        raise BadInputError(f"--exits {text}: this checkpoint has exits {','.join(map(str, config['exits']))}")
-    return values
 
 
 def bench_rich_table(result) -> Table:
@@ -617,7 +617,7 @@ def bench_command(
         raise BadInputError(f"--eval-json {str(eval_json)!r}: file not found. Run `balcony eval --json` first")
     baseline_list = [b.strip() for b in baselines.split(",") if b.strip()]
     request = BenchRequest(
-        checkpoint=checkpoint, exits=_bench_exits(checkpoint, exits, exit), baselines=baseline_list,
+        checkpoint=checkpoint, exits=_checkpoint_exits(checkpoint, exits, exit), baselines=baseline_list,
         prompt_lengths=_int_list("--prompt-lengths", prompt_lengths),
         batch_sizes=_int_list("--batch-sizes", batch_sizes), decode_prompt=decode_prompt, new_tokens=new_tokens,
         repeats=repeats, warmup=warmup, threads=threads, device=device, dtype=dtype,
@@ -654,7 +654,7 @@ def bench_command(
                                               components=result.components, rows=result.rows), overwrite)
     if json_path == "-":
         return
-    console.print(bench_rich_table(result))
+    _print_wide(bench_rich_table(result))
     parts = result.components
     console.print(
         "Measured parts of one decode token: embedding "

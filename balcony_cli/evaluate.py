@@ -62,7 +62,9 @@ class EvalRequest:
             raise BadInputError("--ppl-tokens and --ppl-window must be at least 2")
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
-            raise BadInputError(f"--baselines {','.join(unknown)}: expected a comma list of {', '.join(BASELINES)}")
+            raise BadInputError(
+                f"--baselines {','.join(unknown)}: expected a comma list of {', '.join(BASELINES)}"
+            )
         if self.dtype not in DTYPES:
             raise BadInputError(f"--dtype {self.dtype}: expected one of {', '.join(DTYPES)}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -72,10 +74,13 @@ class EvalRequest:
                 load_path = self.data_dir / OFFLINE_TASKS[name].relative_path
                 if not load_path.is_file():
                     raise BadInputError(
-                        f"task {name}: local file not found at {load_path}; --data-dir must point at a folder "
-                        f"that contains {OFFLINE_TASKS[name].relative_path}"
+                        f"task {name}: local file not found at {load_path}; --data-dir must point at a "
+                        f"folder that contains {OFFLINE_TASKS[name].relative_path}"
                     )
-        for flag, path in (("--perplexity", self.perplexity_text), ("--calibration-text", self.calibration_text)):
+        for flag, path in (
+            ("--perplexity", self.perplexity_text),
+            ("--calibration-text", self.calibration_text),
+        ):
             if path is not None and not Path(path).is_file():
                 raise BadInputError(f"{flag} {str(path)!r}: file not found. Check the path.")
         if not self.tasks and self.perplexity_text is None:
@@ -141,8 +146,13 @@ def _parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def evaluate(request: EvalRequest, on_row: Callable[[str, int, int], None] | None = None) -> EvalResult:
-    """Evaluate every requested row; `on_row(name, index, total)` is called as each row starts."""
+def evaluate(
+    request: EvalRequest, on_row: Callable[[str, int, int], None] | None = None, progress: bool = False
+) -> EvalResult:
+    """Evaluate every requested row; `on_row(name, index, total)` is called as each row starts.
+
+    `progress` shows the harness's progress bar for each row.
+    """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -153,33 +163,50 @@ def evaluate(request: EvalRequest, on_row: Callable[[str, int, int], None] | Non
 
     request.validate()
     config = read_balcony_config(request.checkpoint)
-    exits = config["exits"] if request.exits is None else parse_exits(request.exits, config["base_model"]["num_layers"])
+    exits = (
+        config["exits"]
+        if request.exits is None
+        else parse_exits(request.exits, config["base_model"]["num_layers"])
+    )
     missing = [k for k in exits if k not in config["exits"]]
     if missing:
         raise BadInputError(
-            f"--exits {','.join(map(str, missing))}: this checkpoint has exits {','.join(map(str, config['exits']))}"
+            f"--exits {','.join(map(str, missing))}: this checkpoint has exits "
+            f"{','.join(map(str, config['exits']))}"
         )
     if "prune" in request.baselines and request.calibration_text is None:
-        raise BadInputError("--baselines prune needs a calibration text: pass --calibration-text FILE or set "
-                            "BALCONY_DATA_DIR to a folder with gutenberg/books/*.txt")
+        raise BadInputError(
+            "--baselines prune needs a calibration text: pass --calibration-text FILE or set "
+            "BALCONY_DATA_DIR to a folder with gutenberg/books/*.txt"
+        )
     for name in request.tasks if request.data_dir is not None else []:
         load_records(name, request.data_dir)  # Parse errors surface before the model loads.
 
     dtype = getattr(torch, request.dtype)
-    model, config = load_balcony(request.checkpoint, dtype=dtype, allow_base_mismatch=request.allow_base_mismatch)
+    model, config = load_balcony(
+        request.checkpoint, dtype=dtype, allow_base_mismatch=request.allow_base_mismatch
+    )
     model.to(request.device)
     if not config.get("trained"):
-        logger.warning("checkpoint %s is untrained: its exits are evaluated as inserted, before any training",
-                       request.checkpoint)
+        logger.warning(
+            "checkpoint %s is untrained: its exits are evaluated as inserted, before any training",
+            request.checkpoint,
+        )
     tokenizer = load_tokenizer(base_source(config))
     profile = ComputeProfile.of(model.base)
 
     keep: dict[int, list[int]] = {}
     if "prune" in request.baselines:
-        from balcony_cli.baselines import CALIBRATION_TOKENS, CALIBRATION_WINDOW, block_influence, layers_to_keep
+        from balcony_cli.baselines import (
+            CALIBRATION_TOKENS,
+            CALIBRATION_WINDOW,
+            block_influence,
+            layers_to_keep,
+        )
 
-        windows = perplexity_windows(tokenizer, read_eval_text(request.calibration_text), CALIBRATION_TOKENS,
-                                     CALIBRATION_WINDOW)
+        windows = perplexity_windows(
+            tokenizer, read_eval_text(request.calibration_text), CALIBRATION_TOKENS, CALIBRATION_WINDOW
+        )
         influence = block_influence(model.base, windows)
         keep = {k: layers_to_keep(influence, k + 1) for k in exits}
 
@@ -194,8 +221,9 @@ def evaluate(request: EvalRequest, on_row: Callable[[str, int, int], None] | Non
     ppl_windows = None
     fast_ppl = None
     if request.perplexity_text is not None:
-        ppl_windows = perplexity_windows(tokenizer, read_eval_text(request.perplexity_text), request.ppl_tokens,
-                                         request.ppl_window)
+        ppl_windows = perplexity_windows(
+            tokenizer, read_eval_text(request.perplexity_text), request.ppl_tokens, request.ppl_window
+        )
         # One base pass scores the full model, the exits and the naive exits together.
         fast_ppl = perplexity_table(model, ppl_windows, exits=exits, naive="naive" in request.baselines)
 
@@ -210,17 +238,29 @@ def evaluate(request: EvalRequest, on_row: Callable[[str, int, int], None] | Non
             if on_row is not None:
                 on_row(row.name, index, len(plan))
             result = EvalRow(
-                name=row.name, kind=row.kind, k=row.k, layers=row.layers,
+                name=row.name,
+                kind=row.kind,
+                k=row.k,
+                layers=row.layers,
                 parameters=_parameter_count(row.model),
                 relative_compute=profile.relative_compute(row.layers),
                 kept_layers=row.kept_layers,
             )
             if request.tasks:
-                lm = BalconyLM(pretrained=row, tokenizer=tokenizer, device=request.device,
-                               batch_size=request.batch_size)
+                lm = BalconyLM(
+                    pretrained=row,
+                    tokenizer=tokenizer,
+                    device=request.device,
+                    batch_size=request.batch_size,
+                    progress=progress,
+                )
                 output = lm_eval.simple_evaluate(
-                    model=lm, tasks=list(request.tasks), task_manager=task_manager, limit=request.limit,
-                    bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+                    model=lm,
+                    tasks=list(request.tasks),
+                    task_manager=task_manager,
+                    limit=request.limit,
+                    bootstrap_iters=BOOTSTRAP_ITERS,
+                    log_samples=False,
                 )
                 for name in request.tasks:
                     metrics = _harness_metrics(output["results"][name])

@@ -43,7 +43,7 @@ class Row:
 
 
 def parse_exit(value: int | str | None, model: BalconyModel) -> int | None:
-    """Read the `exit` model argument: a layer index, or None / "full" / the layer count for the full model."""
+    """Parse the `exit` model argument: a layer index, or "full", None or the layer count for the full model."""
     if value is None or str(value).strip().lower() in ("", "full", "none"):
         return None
     try:
@@ -54,7 +54,7 @@ def parse_exit(value: int | str | None, model: BalconyModel) -> int | None:
 
 
 def build_row(model: BalconyModel, kind: RowKind, k: int | None, pruned_keep: list[int] | None = None) -> Row:
-    """Return the row of `kind` at exit layer `k`; `pruned_keep` (0-based layers) is required for pruned rows."""
+    """Build the row of `kind` at exit layer `k`. Pruned rows need `pruned_keep`, the 0-based layers kept."""
     if kind not in ROW_KINDS:
         raise BadInputError(f"kind={kind!r}: expected one of {', '.join(ROW_KINDS)}")
     if kind == "full" or k is None:
@@ -75,8 +75,8 @@ class BalconyLM(HFLM):
     """lm-evaluation-harness model for one row of a Balcony checkpoint.
 
     Model arguments: `pretrained` (checkpoint directory, default balcony-out), `exit` (a layer index or
-    `full`), `kind` (exit, naive or pruned; default exit), `dtype`, `allow_base_mismatch`, and the
-    usual HFLM ones (batch_size, max_length, ...). A pruned row scores block influence on the default
+    `full`), `kind` (exit, naive or pruned; default exit), `dtype`, `allow_base_mismatch`, `progress`
+    (the harness's progress bars), and the usual HFLM ones (batch_size, max_length, ...). A pruned row scores block influence on the default
     calibration text first. `balcony eval` passes a ready `Row` and tokenizer instead of a path.
     """
 
@@ -90,17 +90,33 @@ class BalconyLM(HFLM):
         dtype: str | torch.dtype = "float32",
         batch_size: int | str = 1,
         allow_base_mismatch: bool = False,
+        progress: bool = True,
         **kwargs,
     ) -> None:
         if isinstance(pretrained, Row):
             row = pretrained
         else:
-            row, tokenizer = _row_from_checkpoint(str(pretrained), exit, kind, dtype, bool(allow_base_mismatch))
+            row, tokenizer = _row_from_checkpoint(
+                str(pretrained), exit, kind, dtype, bool(allow_base_mismatch)
+            )
         # HFLM ignores `device` when it is given a model object, so the model is placed here.
         if device is not None:
             row.model.to(device)
         self.row = row
+        self.progress = bool(progress)
         super().__init__(pretrained=row.model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+
+    # The harness passes no disable_tqdm from simple_evaluate, so its bars would show even when stdout
+    # is not a terminal. These overrides apply `progress` instead.
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.progress)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.progress)
 
 
 def _row_from_checkpoint(checkpoint: str, exit, kind: RowKind, dtype, allow_base_mismatch: bool):
@@ -131,6 +147,8 @@ def _pruned_keep(model: BalconyModel, tokenizer, k: int) -> list[int]:
 
     text = default_calibration_text()
     if text is None:
-        raise BadInputError("kind=pruned needs a calibration text; set BALCONY_DATA_DIR to the shared data folder")
+        raise BadInputError(
+            "kind=pruned needs a calibration text; set BALCONY_DATA_DIR to the shared data folder"
+        )
     windows = perplexity_windows(tokenizer, read_eval_text(text), CALIBRATION_TOKENS, CALIBRATION_WINDOW)
     return layers_to_keep(block_influence(model.base, windows), k + 1)

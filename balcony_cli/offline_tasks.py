@@ -37,8 +37,13 @@ def _hellaswag(path: Path) -> list[dict]:
     # The harness's process_docs builds its query from activity_label, ctx_a and ctx_b, then strips
     # it. The local file has lost the ctx_a/ctx_b split, so all of ctx goes into ctx_a.
     return [
-        {"activity_label": r["activity_label"], "ctx_a": r["ctx"], "ctx_b": "", "endings": r["endings"],
-         "label": str(r["label"])}
+        {
+            "activity_label": r["activity_label"],
+            "ctx_a": r["ctx"],
+            "ctx_b": "",
+            "endings": r["endings"],
+            "label": str(r["label"]),
+        }
         for r in _read_jsonl(path)
     ]
 
@@ -47,11 +52,13 @@ def _arc(path: Path) -> list[dict]:
     records = []
     for r in _read_jsonl(path):
         labels = list(ARC_LABELS[: len(r["choices"])])
-        records.append({
-            "question": r["query"].removeprefix("Question: "),
-            "choices": {"text": r["choices"], "label": labels},
-            "answerKey": labels[r["gold"]],
-        })
+        records.append(
+            {
+                "question": r["query"].removeprefix("Question: "),
+                "choices": {"text": r["choices"], "label": labels},
+                "answerKey": labels[r["gold"]],
+            }
+        )
     return records
 
 
@@ -63,8 +70,10 @@ def _piqa(path: Path) -> list[dict]:
     records = _read_jsonl(path)
     if len(labels) != len(records):
         raise BadInputError(f"{labels_path}: {len(labels)} labels for {len(records)} records in {path}")
-    return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": label}
-            for r, label in zip(records, labels)]
+    return [
+        {"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": label}
+        for r, label in zip(records, labels)
+    ]
 
 
 def _winogrande(path: Path) -> list[dict]:
@@ -72,8 +81,12 @@ def _winogrande(path: Path) -> list[dict]:
     # sentence[blank + 1:].strip(). A sentence that starts with the blank, with each full context
     # as an option, gives exactly the local file's contexts and continuation.
     return [
-        {"sentence": "_ " + r["continuation"], "option1": r["context_options"][0],
-         "option2": r["context_options"][1], "answer": str(r["gold"] + 1)}
+        {
+            "sentence": "_ " + r["continuation"],
+            "option1": r["context_options"][0],
+            "option2": r["context_options"][1],
+            "answer": str(r["gold"] + 1),
+        }
         for r in _read_jsonl(path)
     ]
 
@@ -83,7 +96,9 @@ def _boolq(path: Path) -> list[dict]:
     for r in _read_jsonl(path):
         passage, separator, question = r["query"].removeprefix("Passage: ").rpartition("\nQuestion: ")
         if not separator:
-            raise BadInputError(f"{path}: a BoolQ query without '\\nQuestion: '; expected the llm-foundry format")
+            raise BadInputError(
+                f"{path}: a BoolQ query without '\\nQuestion: '; expected the llm-foundry format"
+            )
         # The harness's prompt adds the question mark itself.
         records.append({"passage": passage, "question": question.removesuffix("?"), "label": r["gold"]})
     return records
@@ -97,8 +112,13 @@ def _openbookqa(path: Path) -> list[dict]:
     records = []
     for r in _read_jsonl(path):
         labels = list(ARC_LABELS[: len(r["choices"])])
-        records.append({"question_stem": r["query"], "choices": {"text": r["choices"], "label": labels},
-                        "answerKey": labels[r["gold"]]})
+        records.append(
+            {
+                "question_stem": r["query"],
+                "choices": {"text": r["choices"], "label": labels},
+                "answerKey": labels[r["gold"]],
+            }
+        )
     return records
 
 
@@ -122,20 +142,62 @@ class OfflineTask:
 OFFLINE_TASKS: dict[str, OfflineTask] = {
     task.name: task
     for task in (
-        OfflineTask("hellaswag", "hellaswag/hellaswag.yaml", "hellaswag/hellaswag_val.jsonl", "validation",
-                    _hellaswag, "acc_norm", 10042),
+        OfflineTask(
+            "hellaswag",
+            "hellaswag/hellaswag.yaml",
+            "hellaswag/hellaswag_val.jsonl",
+            "validation",
+            _hellaswag,
+            "acc_norm",
+            10042,
+        ),
         OfflineTask("arc_easy", "arc/arc_easy.yaml", "arc/arc_easy_test.jsonl", "test", _arc, "acc", 2376),
-        OfflineTask("arc_challenge", "arc/arc_challenge.yaml", "arc/arc_challenge_test.jsonl", "test", _arc,
-                    "acc_norm", 1172),
+        OfflineTask(
+            "arc_challenge",
+            "arc/arc_challenge.yaml",
+            "arc/arc_challenge_test.jsonl",
+            "test",
+            _arc,
+            "acc_norm",
+            1172,
+        ),
         OfflineTask("piqa", "piqa/piqa.yaml", "piqa/valid.jsonl", "validation", _piqa, "acc_norm", 1838),
-        OfflineTask("winogrande", "winogrande/default.yaml", "winogrande/winogrande_dev.jsonl", "validation",
-                    _winogrande, "acc", 1267),
-        OfflineTask("boolq", "super_glue/boolq/default.yaml", "boolq/boolq_dev.jsonl", "validation", _boolq,
-                    "acc", 3270),
-        OfflineTask("lambada_openai", "lambada/lambada_openai.yaml", "lambada/lambada_openai_test.jsonl", "test",
-                    _lambada, "acc", 5153),
-        OfflineTask("openbookqa", "openbookqa/openbookqa.yaml", "openbookqa_copa/openbookqa_test.jsonl", "test",
-                    _openbookqa, "acc_norm", 500),
+        OfflineTask(
+            "winogrande",
+            "winogrande/default.yaml",
+            "winogrande/winogrande_dev.jsonl",
+            "validation",
+            _winogrande,
+            "acc",
+            1267,
+        ),
+        OfflineTask(
+            "boolq",
+            "super_glue/boolq/default.yaml",
+            "boolq/boolq_dev.jsonl",
+            "validation",
+            _boolq,
+            "acc",
+            3270,
+        ),
+        OfflineTask(
+            "lambada_openai",
+            "lambada/lambada_openai.yaml",
+            "lambada/lambada_openai_test.jsonl",
+            "test",
+            _lambada,
+            "acc",
+            5153,
+        ),
+        OfflineTask(
+            "openbookqa",
+            "openbookqa/openbookqa.yaml",
+            "openbookqa_copa/openbookqa_test.jsonl",
+            "test",
+            _openbookqa,
+            "acc_norm",
+            500,
+        ),
     )
 }
 
@@ -174,8 +236,11 @@ def expand_task_names(text: str, offline: bool) -> list[str]:
         if name not in known and name not in TASK_GROUPS:
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            scope = f"offline tasks are {', '.join([*OFFLINE_TASKS, *TASK_GROUPS])}" if offline else (
-                "not a task of the installed lm-evaluation-harness")
+            scope = (
+                f"offline tasks are {', '.join([*OFFLINE_TASKS, *TASK_GROUPS])}"
+                if offline
+                else ("not a task of the installed lm-evaluation-harness")
+            )
             raise BadInputError(f"--tasks {name!r}: unknown task{hint} ({scope})")
         for member in TASK_GROUPS.get(name, (name,)):
             if member not in expanded:
@@ -197,12 +262,16 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     path = Path(value).expanduser()
     if not path.is_dir():
         source = "--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}"
-        raise BadInputError(f"{source} {str(value)!r}: not a directory; point it at a folder laid out like the "
-                            "project's shared data folder")
+        raise BadInputError(
+            f"{source} {str(value)!r}: not a directory; point it at a folder laid out like the "
+            "project's shared data folder"
+        )
     return path.resolve()
 
 
-def write_task_files(directory: str | Path, data_dir: str | Path, tasks: list[str] | None = None) -> list[Path]:
+def write_task_files(
+    directory: str | Path, data_dir: str | Path, tasks: list[str] | None = None
+) -> list[Path]:
     """Write one harness task YAML per offline task into `directory`; return the files written.
 
     Each file includes the harness's own definition by absolute path and replaces only the dataset.

@@ -1,4 +1,4 @@
-"""Score the base model with lm-evaluation-harness's own `hf` model and compare with `balcony eval`'s full row.
+"""Score the base with lm-evaluation-harness's own `hf` model; compare with `balcony eval`'s full row.
 
 Usage:
     python benchmarks/eval_crosscheck.py EVAL_JSON
@@ -36,9 +36,15 @@ def main(eval_json: str) -> int:
     with tempfile.TemporaryDirectory() as task_dir:
         write_task_files(task_dir, settings["data_dir"], tasks)
         reference = lm_eval.simple_evaluate(
-            model="hf", model_args=model_args, device=settings["device"], batch_size=settings["batch_size"],
-            tasks=tasks, task_manager=TaskManager(include_path=task_dir), limit=settings["limit"],
-            bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+            model="hf",
+            model_args=model_args,
+            device=settings["device"],
+            batch_size=settings["batch_size"],
+            tasks=tasks,
+            task_manager=TaskManager(include_path=task_dir),
+            limit=settings["limit"],
+            bootstrap_iters=BOOTSTRAP_ITERS,
+            log_samples=False,
         )
     print(f"hf model_args: {model_args}")
     print(f"{'task':<14} {'metric':<16} {'balcony eval full':>18} {'harness hf':>12} {'difference':>11}")

@@ -17,8 +17,20 @@ from balcony_cli.insert import insert
 
 runner = CliRunner()
 
-FAST = ["--prompt-lengths", "8,16", "--batch-sizes", "1,2", "--decode-prompt", "8", "--new-tokens", "4",
-        "--repeats", "2", "--warmup", "1"]
+FAST = [
+    "--prompt-lengths",
+    "8,16",
+    "--batch-sizes",
+    "1,2",
+    "--decode-prompt",
+    "8",
+    "--new-tokens",
+    "4",
+    "--repeats",
+    "2",
+    "--warmup",
+    "1",
+]
 
 
 @pytest.fixture
@@ -33,8 +45,23 @@ def checkpoint(tmp_path):
 
 def test_bench_json_holds_every_exit(checkpoint, tmp_path):
     out = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", "-c", str(checkpoint), "--exits", "all", "--baselines", "naive", *FAST,
-                                 "--threads", "1", "--json", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "-c",
+            str(checkpoint),
+            "--exits",
+            "all",
+            "--baselines",
+            "naive",
+            *FAST,
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     document = json.loads(out.read_text())
     assert document["schema_version"] == 1
@@ -79,10 +106,21 @@ def png_size(path) -> tuple[int, int]:
 
 
 def eval_document(checkpoint, fingerprint: str) -> dict:
-    rows = [{"name": name, "kind": kind, "average": average, "tasks": {"hellaswag": {}}}
-            for name, kind, average in (("full", "full", 0.5), ("exit 1", "exit", 0.3), ("naive 1", "naive", 0.26),
-                                        ("exit 2", "exit", 0.4), ("naive 2", "naive", 0.27))]
-    return {"schema_version": 1, "checkpoint": {"path": str(checkpoint), "fingerprint": fingerprint}, "rows": rows}
+    rows = [
+        {"name": name, "kind": kind, "average": average, "tasks": {"hellaswag": {}}}
+        for name, kind, average in (
+            ("full", "full", 0.5),
+            ("exit 1", "exit", 0.3),
+            ("naive 1", "naive", 0.26),
+            ("exit 2", "exit", 0.4),
+            ("naive 2", "naive", 0.27),
+        )
+    ]
+    return {
+        "schema_version": 1,
+        "checkpoint": {"path": str(checkpoint), "fingerprint": fingerprint},
+        "rows": rows,
+    }
 
 
 def test_plot_is_png_of_expected_size(checkpoint, tmp_path):
@@ -91,8 +129,21 @@ def test_plot_is_png_of_expected_size(checkpoint, tmp_path):
     eval_json = tmp_path / "eval.json"
     eval_json.write_text(json.dumps(eval_document(checkpoint, checkpoint_fingerprint(checkpoint))))
     plot = tmp_path / "tradeoff.png"
-    result = runner.invoke(app, ["bench", "-c", str(checkpoint), "--baselines", "naive", *FAST,
-                                 "--eval-json", str(eval_json), "--plot", str(plot)])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "-c",
+            str(checkpoint),
+            "--baselines",
+            "naive",
+            *FAST,
+            "--eval-json",
+            str(eval_json),
+            "--plot",
+            str(plot),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert png_size(plot) == (700, 500)
 
@@ -101,8 +152,9 @@ def test_eval_json_from_other_checkpoint_rejected(checkpoint, tmp_path):
     eval_json = tmp_path / "eval.json"
     eval_json.write_text(json.dumps(eval_document(tmp_path / "other", "sha256:" + "1" * 64)))
     plot = tmp_path / "tradeoff.png"
-    result = runner.invoke(app, ["bench", "-c", str(checkpoint), *FAST, "--eval-json", str(eval_json),
-                                 "--plot", str(plot)])
+    result = runner.invoke(
+        app, ["bench", "-c", str(checkpoint), *FAST, "--eval-json", str(eval_json), "--plot", str(plot)]
+    )
     assert result.exit_code == 2, result.output
     assert "--eval-json" in result.output
     assert "other" in result.output

@@ -30,8 +30,15 @@ def test_gpt2_conv1d_weights_are_counted():
 
 def test_smollm2_shape_ideal_speedup():
     """SmolLM2-135M's shape: 21 of 30 layers promise a 1.31x speedup."""
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
     profile = ComputeProfile.of(AutoModelForCausalLM.from_config(config))
     profile = ComputeProfile(30, profile.layer_flops, profile.head_flops, profile.attention_width)
     assert profile.layer_flops == 2 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)

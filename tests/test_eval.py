@@ -33,26 +33,67 @@ def write_jsonl(path, records):
 def data_dir(tmp_path):
     """A folder laid out like the shared data folder, with a few records per task."""
     root = tmp_path / "data"
-    write_jsonl(root / "hellaswag/hellaswag_val.jsonl", [
-        {"idx": i, "activity_label": "Foxes", "ctx": f"The {i}th fox", "label": i % 4,
-         "endings": ["jumps over dogs.", "eats a cake.", "sings loudly.", "runs to river."]} for i in range(5)])
-    arc = [{"query": f"Question: What does fox {i} jump over?", "choices": ["dogs", "cats", "trees", "rivers"],
-            "gold": i % 4} for i in range(6)]
+    write_jsonl(
+        root / "hellaswag/hellaswag_val.jsonl",
+        [
+            {
+                "idx": i,
+                "activity_label": "Foxes",
+                "ctx": f"The {i}th fox",
+                "label": i % 4,
+                "endings": ["jumps over dogs.", "eats a cake.", "sings loudly.", "runs to river."],
+            }
+            for i in range(5)
+        ],
+    )
+    arc = [
+        {
+            "query": f"Question: What does fox {i} jump over?",
+            "choices": ["dogs", "cats", "trees", "rivers"],
+            "gold": i % 4,
+        }
+        for i in range(6)
+    ]
     write_jsonl(root / "arc/arc_easy_test.jsonl", arc)
     write_jsonl(root / "arc/arc_challenge_test.jsonl", arc[:4])
-    write_jsonl(root / "piqa/valid.jsonl", [{"goal": f"Feed fox {i}", "sol1": "Use a bowl.", "sol2": "Use a hat."}
-                                            for i in range(4)])
+    write_jsonl(
+        root / "piqa/valid.jsonl",
+        [{"goal": f"Feed fox {i}", "sol1": "Use a bowl.", "sol2": "Use a hat."} for i in range(4)],
+    )
     (root / "piqa/valid-labels.lst").write_text("0\n1\n0\n1\n")
-    write_jsonl(root / "winogrande/winogrande_dev.jsonl", [
-        {"context_options": [f"Fox {i} beat the dog so the fox", f"Fox {i} beat the dog so the dog"],
-         "continuation": "was happy.", "gold": i % 2} for i in range(4)])
-    write_jsonl(root / "boolq/boolq_dev.jsonl", [
-        {"query": f"Passage: Fox {i} jumps over dogs.\nQuestion: does the fox jump?", "choices": ["no", "yes"],
-         "gold": 1} for i in range(3)])
-    write_jsonl(root / "lambada/lambada_openai_test.jsonl", [
-        {"context": f"The {i}th fox jumps over the lazy", "continuation": "dogs"} for i in range(3)])
-    write_jsonl(root / "openbookqa_copa/openbookqa_test.jsonl", [
-        {"query": f"Fox {i} likes to", "choices": ["jump", "swim", "fly", "dig"], "gold": 0} for i in range(3)])
+    write_jsonl(
+        root / "winogrande/winogrande_dev.jsonl",
+        [
+            {
+                "context_options": [f"Fox {i} beat the dog so the fox", f"Fox {i} beat the dog so the dog"],
+                "continuation": "was happy.",
+                "gold": i % 2,
+            }
+            for i in range(4)
+        ],
+    )
+    write_jsonl(
+        root / "boolq/boolq_dev.jsonl",
+        [
+            {
+                "query": f"Passage: Fox {i} jumps over dogs.\nQuestion: does the fox jump?",
+                "choices": ["no", "yes"],
+                "gold": 1,
+            }
+            for i in range(3)
+        ],
+    )
+    write_jsonl(
+        root / "lambada/lambada_openai_test.jsonl",
+        [{"context": f"The {i}th fox jumps over the lazy", "continuation": "dogs"} for i in range(3)],
+    )
+    write_jsonl(
+        root / "openbookqa_copa/openbookqa_test.jsonl",
+        [
+            {"query": f"Fox {i} likes to", "choices": ["jump", "swim", "fly", "dig"], "gold": 0}
+            for i in range(3)
+        ],
+    )
     (root / "wikitext2_raw").mkdir()
     (root / "wikitext2_raw/wiki.test.raw").write_text("\r\n".join(SENTENCES))
     (root / "gutenberg/books").mkdir(parents=True)
@@ -69,8 +110,10 @@ def checkpoint(tmp_path):
     directory = tmp_path / "ckpt"
     insert(str(base_dir), [1, 2], directory)
     torch.manual_seed(1)
-    weights = {name: tensor + 0.3 * torch.randn_like(tensor)
-               for name, tensor in load_file(str(directory / WEIGHTS_NAME)).items()}
+    weights = {
+        name: tensor + 0.3 * torch.randn_like(tensor)
+        for name, tensor in load_file(str(directory / WEIGHTS_NAME)).items()
+    }
     save_file(weights, str(directory / WEIGHTS_NAME))
     config = json.loads((directory / CONFIG_NAME).read_text())
     config["trained"] = True
@@ -85,7 +128,9 @@ def direct_loglikelihood(model, exit, tokenizer, context: str, continuation: str
     with torch.no_grad():
         logits = model(torch.tensor([whole]), exit=exit).logits[0]  # (seq, vocab)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return sum(log_probs[position - 1, whole[position]].item() for position in range(context_length, len(whole)))
+    return sum(
+        log_probs[position - 1, whole[position]].item() for position in range(context_length, len(whole))
+    )
 
 
 @pytest.mark.parametrize("kind,exit", [("exit", 1), ("exit", 2), ("full", None)])
@@ -94,33 +139,45 @@ def test_harness_loglikelihood_equals_forward(checkpoint, kind, exit):
     tokenizer = char_tokenizer()
     lm = BalconyLM(pretrained=build_row(model, kind, exit), tokenizer=tokenizer, batch_size=2)
     pairs = [("The 3th fox", " jumps over"), ("A dog", " sleeps."), ("River", " 4")]
-    requests = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    requests = [
+        Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)
+    ]
     scores = [score for score, _ in lm.loglikelihood(requests)]
     for (context, continuation), score in zip(pairs, scores):
-        assert score == pytest.approx(direct_loglikelihood(model, exit, tokenizer, context, continuation), abs=1e-4)
+        assert score == pytest.approx(
+            direct_loglikelihood(model, exit, tokenizer, context, continuation), abs=1e-4
+        )
 
 
 def test_exit_scores_differ_from_full(checkpoint):
     """A wrapper that ran the full model for every exit would give equal loglikelihoods."""
     model, _ = load_balcony(checkpoint)
     tokenizer = char_tokenizer()
-    request = [Instance(request_type="loglikelihood", doc={}, arguments=("The 3th fox", " jumps over"), idx=0)]
-    scores = {exit: BalconyLM(pretrained=build_row(model, "exit" if exit else "full", exit), tokenizer=tokenizer)
-              .loglikelihood(request)[0][0] for exit in (1, 2, None)}
+    request = [
+        Instance(request_type="loglikelihood", doc={}, arguments=("The 3th fox", " jumps over"), idx=0)
+    ]
+    scores = {
+        exit: BalconyLM(
+            pretrained=build_row(model, "exit" if exit else "full", exit), tokenizer=tokenizer
+        ).loglikelihood(request)[0][0]
+        for exit in (1, 2, None)
+    }
     assert scores[1] != pytest.approx(scores[None], abs=1e-3)
     assert scores[2] != pytest.approx(scores[None], abs=1e-3)
     assert scores[1] != pytest.approx(scores[2], abs=1e-3)
 
 
 def test_local_records_have_harness_fields(data_dir):
-    expected = {"hellaswag": (5, {"activity_label", "ctx_a", "ctx_b", "endings", "label"}),
-                "arc_easy": (6, {"question", "choices", "answerKey"}),
-                "arc_challenge": (4, {"question", "choices", "answerKey"}),
-                "piqa": (4, {"goal", "sol1", "sol2", "label"}),
-                "winogrande": (4, {"sentence", "option1", "option2", "answer"}),
-                "boolq": (3, {"passage", "question", "label"}),
-                "lambada_openai": (3, {"text"}),
-                "openbookqa": (3, {"question_stem", "choices", "answerKey"})}
+    expected = {
+        "hellaswag": (5, {"activity_label", "ctx_a", "ctx_b", "endings", "label"}),
+        "arc_easy": (6, {"question", "choices", "answerKey"}),
+        "arc_challenge": (4, {"question", "choices", "answerKey"}),
+        "piqa": (4, {"goal", "sol1", "sol2", "label"}),
+        "winogrande": (4, {"sentence", "option1", "option2", "answer"}),
+        "boolq": (3, {"passage", "question", "label"}),
+        "lambada_openai": (3, {"text"}),
+        "openbookqa": (3, {"question_stem", "choices", "answerKey"}),
+    }
     assert set(expected) == set(OFFLINE_TASKS)
     for name, (count, fields) in expected.items():
         records = load_records(name, data_dir)
@@ -137,7 +194,9 @@ def test_local_records_have_harness_fields(data_dir):
 
 def test_task_files_give_harness_prompts_and_whole_split(data_dir, tmp_path):
     write_task_files(tmp_path / "tasks", data_dir)
-    tasks = lm_eval.tasks.get_task_dict(list(OFFLINE_TASKS), TaskManager(include_path=str(tmp_path / "tasks")))
+    tasks = lm_eval.tasks.get_task_dict(
+        list(OFFLINE_TASKS), TaskManager(include_path=str(tmp_path / "tasks"))
+    )
     counts = {}
     for name, task in tasks.items():
         docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
@@ -145,7 +204,10 @@ def test_task_files_give_harness_prompts_and_whole_split(data_dir, tmp_path):
     assert counts == {name: len(load_records(name, data_dir)) for name in OFFLINE_TASKS}
     hellaswag = tasks["hellaswag"].validation_docs()[2]
     assert tasks["hellaswag"].doc_to_text(hellaswag) == "Foxes: The 2th fox"
-    assert tasks["arc_easy"].doc_to_text(tasks["arc_easy"].test_docs()[0]) == "Question: What does fox 0 jump over?\nAnswer:"
+    assert (
+        tasks["arc_easy"].doc_to_text(tasks["arc_easy"].test_docs()[0])
+        == "Question: What does fox 0 jump over?\nAnswer:"
+    )
     winogrande = tasks["winogrande"]
     doc = winogrande.validation_docs()[1]
     assert winogrande.doc_to_choice(doc) == ["Fox 1 beat the dog so the fox", "Fox 1 beat the dog so the dog"]
@@ -160,16 +222,37 @@ def test_task_names_expand_and_suggest():
 
 
 def eval_argv(checkpoint, data_dir, *extra):
-    return ["eval", "-c", str(checkpoint), "--tasks", "hellaswag,arc_easy,winogrande", "--data-dir", str(data_dir),
-            "--batch-size", "2", *extra]
+    return [
+        "eval",
+        "-c",
+        str(checkpoint),
+        "--tasks",
+        "hellaswag,arc_easy,winogrande",
+        "--data-dir",
+        str(data_dir),
+        "--batch-size",
+        "2",
+        *extra,
+    ]
 
 
 def test_eval_json_holds_every_row(checkpoint, data_dir, tmp_path):
     out = tmp_path / "eval.json"
-    result = runner.invoke(app, eval_argv(checkpoint, data_dir, "--baselines", "naive,prune", "--perplexity",
-                                          str(data_dir / "wikitext2_raw/wiki.test.raw"),
-                                          "--calibration-text", str(data_dir / "gutenberg/books/a_book.txt"),
-                                          "--json", str(out)))
+    result = runner.invoke(
+        app,
+        eval_argv(
+            checkpoint,
+            data_dir,
+            "--baselines",
+            "naive,prune",
+            "--perplexity",
+            str(data_dir / "wikitext2_raw/wiki.test.raw"),
+            "--calibration-text",
+            str(data_dir / "gutenberg/books/a_book.txt"),
+            "--json",
+            str(out),
+        ),
+    )
     assert result.exit_code == 0, result.output
     document = json.loads(out.read_text())
     assert document["schema_version"] == 1
@@ -197,23 +280,35 @@ def test_eval_json_holds_every_row(checkpoint, data_dir, tmp_path):
 
 def test_full_row_equals_harness_hf_model(checkpoint, data_dir, tmp_path):
     out = tmp_path / "eval.json"
-    result = runner.invoke(app, eval_argv(checkpoint, data_dir, "--exits", "1", "--limit", "3", "--json", str(out)))
+    result = runner.invoke(
+        app, eval_argv(checkpoint, data_dir, "--exits", "1", "--limit", "3", "--json", str(out))
+    )
     assert result.exit_code == 0, result.output
     full = json.loads(out.read_text())["rows"][0]
     write_task_files(tmp_path / "tasks", data_dir)
     reference = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={tmp_path / 'base'},dtype=float32", device="cpu", batch_size=2,
-        tasks=["hellaswag", "arc_easy", "winogrande"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
-        limit=3, log_samples=False, bootstrap_iters=1000,
+        model="hf",
+        model_args=f"pretrained={tmp_path / 'base'},dtype=float32",
+        device="cpu",
+        batch_size=2,
+        tasks=["hellaswag", "arc_easy", "winogrande"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        limit=3,
+        log_samples=False,
+        bootstrap_iters=1000,
     )
     for task in ("hellaswag", "arc_easy", "winogrande"):
         for metric, value in full["tasks"][task]["metrics"].items():
-            assert reference["results"][task][f"{metric},none"] == pytest.approx(value, abs=1e-9), (task, metric)
+            assert reference["results"][task][f"{metric},none"] == pytest.approx(value, abs=1e-9), (
+                task,
+                metric,
+            )
 
 
 def test_registered_model_matches_balcony_eval(checkpoint, data_dir, tmp_path):
-    import balcony_cli  # noqa: F401  (registers the model)
     from lm_eval.api.registry import get_model
+
+    import balcony_cli  # noqa: F401  (registers the model)
 
     assert get_model("balcony") is BalconyLM
     assert get_model("hf").__name__ == "HFLM"
@@ -224,9 +319,12 @@ def test_registered_model_matches_balcony_eval(checkpoint, data_dir, tmp_path):
     assert exit_row["name"] == "exit 2"
     write_task_files(tmp_path / "tasks", data_dir)
     output = lm_eval.simple_evaluate(
-        model="balcony", model_args=f"pretrained={checkpoint},exit=2,batch_size=2",
-        tasks=["hellaswag", "arc_easy", "winogrande"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
-        log_samples=False, bootstrap_iters=1000,
+        model="balcony",
+        model_args=f"pretrained={checkpoint},exit=2,batch_size=2",
+        tasks=["hellaswag", "arc_easy", "winogrande"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        log_samples=False,
+        bootstrap_iters=1000,
     )
     for task in ("hellaswag", "arc_easy", "winogrande"):
         for metric, value in exit_row["tasks"][task]["metrics"].items():
