@@ -32,7 +32,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class BenchRequest:
-    """What to measure, resolved from flags and defaults."""
+    """A benchmark run's settings, resolved from flags and defaults."""
 
     checkpoint: Path
     exits: list[int] | None = None
@@ -163,7 +163,7 @@ def random_ids(vocab_size: int, batch: int, length: int, seed: int) -> torch.Ten
 
 
 def cache_size(cache) -> dict[str, int]:
-    """Count the layers a KV cache holds and its bytes per cached token (summed over the batch)."""
+    """Count the layers a KV cache contains and its bytes per cached token (summed over the batch)."""
     layers = getattr(cache, "layers", [])
     tokens = cache.get_seq_length()
     total = 0

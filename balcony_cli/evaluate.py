@@ -32,7 +32,7 @@ BOOTSTRAP_ITERS = 1000
 
 @dataclass
 class EvalRequest:
-    """What to evaluate, resolved from flags and defaults."""
+    """An evaluation run's settings, resolved from flags and defaults."""
 
     checkpoint: Path
     tasks: list[str]

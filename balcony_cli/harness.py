@@ -74,10 +74,10 @@ def build_row(model: BalconyModel, kind: RowKind, k: int | None, pruned_keep: li
 class BalconyLM(HFLM):
     """lm-evaluation-harness model for one row of a Balcony checkpoint.
 
-    Model arguments: `pretrained` (checkpoint directory, default balcony-out), `exit` (a layer index or
-    `full`), `kind` (exit, naive or pruned; default exit), `dtype`, `allow_base_mismatch`, `progress`
-    (the harness's progress bars), and the usual HFLM ones (batch_size, max_length, ...). A pruned row scores block influence on the default
-    calibration text first. `balcony eval` passes a ready `Row` and tokenizer instead of a path.
+    Model arguments are `pretrained` (the checkpoint directory, default balcony-out) and `exit` (a layer
+    index, or `full`). `kind` picks exit, naive or pruned (default exit). `dtype`, `allow_base_mismatch`
+    and `progress` (the harness's progress bars) follow, then the usual HFLM ones (batch_size,
+    max_length, ...). A pruned row first scores block influence on the default calibration text. `balcony eval` passes a ready `Row` and tokenizer instead of a path.
     """
 
     def __init__(
