@@ -48,6 +48,12 @@ class BalconyModel(nn.Module):
     `forward(input_ids, exit=k)` and `generate(..., exit=k)` run exit k as an ordinary model of the
     base's own class with k + 1 layers. That model is a view: it shares every module with the base
     and the Balcony layer, so switching exits copies no weights.
+
+    Initialisations: "copy-last" copies the base's last layer and takes the input norm of layer k + 1
+    as the exit norm. "copy-next" copies layer k + 1, the layer whose position the Balcony layer
+    takes, with the same exit norm. "fit" starts as copy-last with a copy of the base's final norm,
+    and `balcony_cli.init_fit.fit_exits` then corrects the MLP output projection on calibration text;
+    without that call it is only a starting point. "random" uses the base's own weight initialiser.
     """
 
     def __init__(self, base: nn.Module, exits: Iterable[int], init: Init = "copy-last", seed: int = 0):
@@ -73,12 +79,19 @@ class BalconyModel(nn.Module):
             # KV-cache index match the position it takes in the exit-k model.
             layer = layer_class(base.config, layer_idx=k)
             norm = copy.deepcopy(self.layout.layer_input_norm(base_layers[k]))
-            if init == "copy-last":
+            if init in ("copy-last", "fit"):
                 layer.load_state_dict(base_layers[-1].state_dict())
+            elif init == "copy-next":
+                # base_layers is 0-based, so base_layers[k] is layer k + 1.
+                layer.load_state_dict(base_layers[k].state_dict())
             else:
                 with torch.no_grad():
                     layer.apply(base._init_weights)
                     norm.apply(base._init_weights)
+            if init == "fit":
+                # The fit pulls the Balcony layer's output towards the base's last residual state, which
+                # the base's final norm expects.
+                norm = copy.deepcopy(self.layout.final_norm(base))
             self.layout.set_layer_index(layer, k)
             exit_layers[str(k)] = layer.to(device=reference_param.device, dtype=reference_param.dtype)
             exit_norms[str(k)] = norm.to(device=reference_param.device, dtype=reference_param.dtype)
