@@ -28,8 +28,9 @@ from balcony_cli.model import BalconyModel
 logger = logging.getLogger(__name__)
 
 # Positions left out of the fit at the start of each block. The first position of a causal LM attends
-# only to itself and carries far larger hidden states than the rest in many models ("massive
-# activations", Sun et al., 2024), so it would dominate a squared error summed over tokens.
+# only to itself, and its last residual state can be far larger than the others'. In SmolLM2-135M on
+# Gutenberg blocks, its mean norm was 5,291 against 998 elsewhere, so it would dominate a squared
+# error summed over tokens.
 SKIPPED_POSITIONS = 1
 
 

@@ -62,7 +62,7 @@ class GenerationSettings:
 
 @dataclass
 class GenerationResult:
-    """What was written, and how long sampling took (the preparation time of a self-generated run)."""
+    """The written file, its size and the sampling time (the preparation time of a self-generated run)."""
 
     path: Path
     documents: int
@@ -126,7 +126,8 @@ def paragraph_prompts(candidates: Sequence[str], tokenizer, prompt_tokens: int, 
                 yield ids[:prompt_tokens]
         if not yielded:
             raise BadInputError(
-                f"no paragraph of the prompt text holds {prompt_tokens} tokens; use a longer text or fewer prompt tokens"
+                f"no paragraph of the prompt text contains {prompt_tokens} tokens; use a longer text or fewer "
+                "prompt tokens"
             )
 
 

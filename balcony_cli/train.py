@@ -64,8 +64,8 @@ SUMMARY = "train_summary.json"
 TABLE_BEFORE = "perplexity_before.json"
 PREPARATION = "preparation.json"
 SELF_GENERATED_DIR = "self-generated"
-# Prompts sampled together when generating training text: a decode step's cost on a CPU grows slowly
-# with the batch up to about this size.
+# Prompts sampled together when generating training text. A larger batch spreads the fixed cost of a
+# decode step: on a busy 2-core CPU, SmolLM2-135M sampled 1.6 times as many tokens/s at 16 as at 8.
 SELF_GENERATED_BATCH = 16
 # Recipe fields that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {

@@ -11,7 +11,7 @@ from balcony_cli.errors import BadInputError
 
 @pytest.fixture
 def two_sources(tmp_path):
-    """Two corpora whose blocks are told apart by their letters: only 'a's, and only 'b's."""
+    """Two corpora whose blocks differ by letter: one of only 'a's, one of only 'b's."""
     for name, letter, length in (("left", "a", 32 * 200), ("right", "b", 32 * 60)):
         directory = tmp_path / name
         directory.mkdir()
@@ -20,7 +20,7 @@ def two_sources(tmp_path):
 
 
 def letters(blocks) -> list[str]:
-    """Name each block by the one letter it holds ('a', 'b'), or 'mixed'."""
+    """Name each block by the one letter it contains ('a', 'b'), or 'mixed'."""
     tokenizer = char_tokenizer()
     names = []
     for row in blocks["input_ids"]:
