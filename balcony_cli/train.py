@@ -395,16 +395,16 @@ def _read_preparation(output_dir: Path) -> dict[str, Any]:
 def _self_generated_data(base, tokenizer, prompt_texts, output_dir: Path, recipe: Recipe, prompts_from: str):
     """Sample the run's training text from the base model, or reuse what an earlier start of the run wrote."""
     directory = output_dir / SELF_GENERATED_DIR
-    existing = read_generation(directory)
-    if existing is not None and existing.settings.tokens == recipe.self_generated_tokens:
-        logger.info("reusing %d self-generated tokens from %s", existing.generated_tokens, directory)
-        return existing
     settings = GenerationSettings(
         tokens=recipe.self_generated_tokens,
         new_tokens=recipe.self_generated_new_tokens,
         batch_size=SELF_GENERATED_BATCH,
         seed=recipe.seed,
     )
+    existing = read_generation(directory)
+    if existing is not None and existing.settings == settings and existing.prompts_from == prompts_from:
+        logger.info("reusing %d self-generated tokens from %s", existing.generated_tokens, directory)
+        return existing
     logger.info("sampling %d tokens from the base model for training", settings.tokens)
     with atomic_directory(directory, overwrite=True) as temporary:
         result = generate_to_directory(base, tokenizer, prompt_texts, temporary, settings, prompts_from)
@@ -642,6 +642,7 @@ def train(request: TrainRequest, progress: Progress | None = None) -> TrainResul
         logger.info("validation before training: %s", validation)
     accelerator.wait_for_everyone()
 
+    # NOTE: with max_minutes, the bar still counts steps against max_steps, so its ETA is too long.
     progress.start(recipe.max_steps, step)
     model.train()
     window_losses: list[torch.Tensor] = []
