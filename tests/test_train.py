@@ -387,3 +387,31 @@ def test_self_generated_tokens_train_on_samples(tiny_model_dir, corpus_dir, tmp_
     assert result.preparation["self_generated"]["seconds"] > 0
     training = json.loads((output / CONFIG_NAME).read_text())["training"]
     assert training["data"] == str(generated)
+
+
+def test_bf16_autocast_covers_teacher_and_exits():
+    """Under the trainer's accelerate setup on CPU, the teacher's and the exits' matmuls run in bf16."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from conftest import VOCAB, tiny_model
+
+    from balcony_cli.model import BalconyModel
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    model = accelerator.prepare(BalconyModel(tiny_model("llama"), [1, 2]))
+    core = accelerator.unwrap_model(model)
+    dtypes = {}
+    probes = {"teacher layer 4": core.base.model.layers[3].mlp.down_proj,
+              "exit 2 layer": core.exit_layers["2"].mlp.down_proj}
+    handles = [module.register_forward_hook(lambda m, args, out, name=name: dtypes.__setitem__(name, out.dtype))
+               for name, module in probes.items()]
+    try:
+        out = model(torch.randint(0, VOCAB, (2, 8)), exit="all", loss_temperature=1.0)
+    finally:
+        for handle in handles:
+            handle.remove()
+        AcceleratorState._reset_state(reset_partial_state=False)
+    assert dtypes == {"teacher layer 4": torch.bfloat16, "exit 2 layer": torch.bfloat16}
+    assert out.losses.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in core.balcony_parameters())
