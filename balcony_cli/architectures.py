@@ -28,6 +28,9 @@ class Layout:
     embed_attr: str = "embed_tokens"
     layer_input_norm_attr: str = "input_layernorm"
     attention_attr: str = "self_attn"
+    mlp_output_attr: str = "mlp.down_proj"
+    """Dotted path, inside a decoder layer, of the MLP's output projection, whose output is added to the
+    residual stream."""
 
     # Access to the modules of a loaded causal LM.
 
@@ -45,6 +48,9 @@ class Layout:
 
     def layer_input_norm(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.layer_input_norm_attr)
+
+    def mlp_output(self, layer: nn.Module) -> nn.Module:
+        return layer.get_submodule(self.mlp_output_attr)
 
     def set_layer_index(self, layer: nn.Module, index: int) -> None:
         """Point a layer's attention at KV-cache slot `index` (0-based)."""
@@ -103,6 +109,7 @@ class GPT2Layout(Layout):
     embed_attr: str = "wte"
     layer_input_norm_attr: str = "ln_1"
     attention_attr: str = "attn"
+    mlp_output_attr: str = "mlp.c_proj"
 
     def rotary_embedding(self, model: nn.Module) -> nn.Module | None:
         return None
@@ -123,6 +130,7 @@ class GPTNeoXLayout(Layout):
     final_norm_attr: str = "final_layer_norm"
     embed_attr: str = "embed_in"
     attention_attr: str = "attention"
+    mlp_output_attr: str = "mlp.dense_4h_to_h"
 
 
 LAYOUTS: tuple[Layout, ...] = (

@@ -224,7 +224,10 @@ def insert(
     model: str = typer.Argument(..., help="Base model: smollm2-135m, a .gguf file, a local directory or a hub id."),
     exits: str = typer.Option(..., "--exits", help="Comma-separated layer indices (1-based), or 'all'."),
     output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "-o", help="Directory to write the Balcony files to."),
-    init: str = typer.Option("copy-last", "--init", help="Balcony layer initialisation: copy-last or random."),
+    init: str = typer.Option(
+        "copy-last", "--init", help="Balcony layer initialisation: copy-last, copy-next or random ('fit' needs "
+        "`balcony train`)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the saved config as JSON ('-': stdout)."),
 ) -> None:
@@ -255,9 +258,31 @@ def train(
     output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "-o", help="Output directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing output directory and start over."),
-    init: Optional[str] = typer.Option(None, "--init", help=_recipe_help("init", "Balcony layer initialisation")),
+    init: Optional[str] = typer.Option(
+        None, "--init", help=_recipe_help("init", "Balcony layer initialisation: copy-last, copy-next, fit or random")
+    ),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_recipe_help("max_steps", "Optimiser steps")),
+    max_minutes: Optional[float] = typer.Option(
+        None, "--max-minutes",
+        help=_recipe_help("max_minutes", "Minutes of optimiser steps before training stops; the LR schedule "
+                          "then follows time"),
+    ),
     lr: Optional[float] = typer.Option(None, "--lr", help=_recipe_help("lr", "Peak AdamW learning rate")),
+    warmup_ratio: Optional[float] = typer.Option(
+        None, "--warmup-ratio", help=_recipe_help("warmup_ratio", "Share of the budget spent in linear warm-up")
+    ),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", help=_recipe_help("temperature", "Distillation temperature")
+    ),
+    hidden_loss_weight: Optional[float] = typer.Option(
+        None, "--hidden-loss-weight",
+        help=_recipe_help("hidden_loss_weight", "Weight of the hidden-state MSE added to the KL"),
+    ),
+    self_generated_tokens: Optional[int] = typer.Option(
+        None, "--self-generated-tokens",
+        help=_recipe_help("self_generated_tokens", "Tokens to sample from the base model and train on, with "
+                          "prompts from --data; 0 turns it off"),
+    ),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help=_recipe_help("batch_size", "Blocks per micro-batch on each process")
     ),
@@ -302,7 +327,12 @@ def train(
         "data": _absolute_if_local(data),
         "init": init,
         "max_steps": max_steps,
+        "max_minutes": max_minutes,
         "lr": lr,
+        "warmup_ratio": warmup_ratio,
+        "temperature": temperature,
+        "hidden_loss_weight": hidden_loss_weight,
+        "self_generated_tokens": self_generated_tokens,
         "batch_size": batch_size,
         "grad_accum_steps": grad_accum_steps,
         "seq_len": seq_len,
@@ -343,10 +373,17 @@ def train(
             "with wikitext2_raw/wiki.test.raw.",
             soft_wrap=True,
         )
+    stopped = ""
+    if result.stopped_by == "max_minutes":
+        stopped = f" (stopped by the {result.train_seconds / 60:.1f}-minute budget)"
+    preparation = ""
+    if result.preparation:
+        parts = [f"{name.replace('_', ' ')} {part['seconds']:.1f} s" for name, part in result.preparation.items()]
+        preparation = f" Preparation before training: {', '.join(parts)}."
     report.print(
-        f"Trained {result.steps} steps on {result.train_tokens:,} tokens: {result.train_tokens_per_s:.0f} "
-        f"training tokens/s; teacher-only forward {result.teacher_tokens_per_s:.0f} tokens/s. "
-        f"Saved to {result.output_dir}.",
+        f"Trained {result.steps} steps on {result.train_tokens:,} tokens{stopped}: "
+        f"{result.train_tokens_per_s:.0f} training tokens/s; teacher-only forward "
+        f"{result.teacher_tokens_per_s:.0f} tokens/s.{preparation} Saved to {result.output_dir}.",
         soft_wrap=True,
     )
 
@@ -663,6 +700,116 @@ def bench_command(
     )
     if plot is not None:
         console.print(f"Wrote the trade-off plot to {plot}")
+
+
+@app.command("generate-data")
+@_handle_errors
+def generate_data_command(
+    model: str = typer.Argument(..., help="Base model: smollm2-135m, a .gguf file, a local directory or a hub id."),
+    prompts_from: str = typer.Option(
+        ..., "--prompts-from", help="Text whose paragraph starts become prompts: files, folders or globs, as --data."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write self-generated.jsonl into."),
+    tokens: int = typer.Option(..., "--tokens", help="Generated tokens to write (prompts not counted)."),
+    prompt_tokens: int = typer.Option(16, "--prompt-tokens", help="Tokens of each paragraph start used as a prompt."),
+    new_tokens: int = typer.Option(128, "--new-tokens", help="Most tokens sampled after each prompt."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts sampled together."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature; 1 follows the model."),
+    seed: int = typer.Option(0, "--seed", help="Seed for prompt choice and sampling."),
+    text_field: str = typer.Option("text", "--text-field", help="Column holding the text in .jsonl/.parquet input."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the generation report as JSON ('-': stdout)."),
+) -> None:
+    """Sample training text from the base model itself (on-policy data), for `balcony train --data DIR`."""
+    from balcony_cli.selfgen import GenerateDataRequest, GenerationSettings, generate_data
+
+    _check_new_file("--json", json_path, overwrite)
+    settings = GenerationSettings(tokens=tokens, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                                  batch_size=batch_size, temperature=temperature, seed=seed)
+    request = GenerateDataRequest(model=model, prompts_from=_absolute_if_local(prompts_from), output_dir=output,
+                                  settings=settings, text_field=text_field, overwrite=overwrite)
+    result = generate_data(request)
+    if json_path:
+        _write_json(json_path, _json_document({"model": model, "output": str(output), **result.to_dict()}, None),
+                    overwrite)
+    if json_path != "-":
+        console.print(
+            f"Wrote {result.generated_tokens:,} generated tokens in {result.documents:,} documents to {result.path} "
+            f"in {result.seconds:.1f} s ({result.tokens_per_s:.0f} tokens/s). Train on them with --data {output}.",
+            soft_wrap=True,
+        )
+
+
+@app.command("study")
+@_handle_errors
+def study_command(
+    study_file: Path = typer.Argument(..., help="Study file (YAML): model, budget, evaluation protocol and rows."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Folder for run directories and per-row results; overrides the study file."
+    ),
+    rows: Optional[str] = typer.Option(None, "--rows", help="Comma list of row names to run; default all."),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="Folder laid out like the shared data folder; default $BALCONY_DATA_DIR."
+    ),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the results table as JSON ('-': stdout)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
+) -> None:
+    """Train each row of a study at the same time budget, evaluate each the same way, and write one table.
+
+    Rows with stored results are skipped, so an interrupted study continues where it stopped.
+    """
+    from balcony_cli.offline_tasks import resolve_data_dir
+    from balcony_cli.study import StudyRequest, run_study
+
+    _check_new_file("--json", json_path, overwrite)
+    data_path = resolve_data_dir(data_dir)
+    if data_path is None:
+        raise BadInputError("no data folder: pass --data-dir DIR or set BALCONY_DATA_DIR; the study evaluates "
+                            "from local task files")
+    only = [name.strip() for name in rows.split(",") if name.strip()] if rows else None
+    if not _state["debug"]:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+    def on_row(name: str, index: int, total: int) -> None:
+        if console.is_terminal:
+            console.rule(f"[bold]{name}[/bold] ({index + 1}/{total})")
+
+    result = run_study(StudyRequest(study_path=study_file, data_dir=data_path, output_dir=output, only=only),
+                       on_row=on_row)
+    if json_path:
+        _write_json(json_path, json.loads(result.table_json.read_text()), overwrite)
+    if json_path == "-":
+        return
+    skipped = f" Reused stored results for {', '.join(result.skipped)}." if result.skipped else ""
+    plot = f" Validation KL plot: {result.plot}." if result.plot else ""
+    console.print(f"Wrote {result.table_markdown} and {result.table_json} ({len(result.rows)} rows).{skipped}{plot}",
+                  soft_wrap=True)
+
+
+@app.command("plot-kl")
+@_handle_errors
+def plot_kl_command(
+    runs: list[str] = typer.Argument(..., help="Run directories of `balcony train`, each as DIR or LABEL=DIR."),
+    output: Path = typer.Option(..., "--output", "-o", help="PNG file to write."),
+    exits: Optional[str] = typer.Option(None, "--exits", help="Exits to draw (comma list); default all found."),
+    title: Optional[str] = typer.Option(None, "--title", help="Figure title."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing PNG file."),
+) -> None:
+    """Plot validation KL against training tokens for several runs, one panel per exit."""
+    from balcony_cli.plots import plot_validation_kl
+
+    _check_new_file("--output", str(output), overwrite)
+    if output.suffix.lower() != ".png":
+        raise BadInputError(f"--output {str(output)!r}: expected a .png file name")
+    labelled: dict[str, Path] = {}
+    for run in runs:
+        label, _, directory = run.rpartition("=") if "=" in run else (Path(run).name, "", run)
+        if label in labelled:
+            raise BadInputError(f"{run!r}: the label {label!r} is used twice; label runs as LABEL=DIR")
+        labelled[label] = Path(directory)
+    exit_list = _int_list("--exits", exits) if exits else None
+    drawn = plot_validation_kl(labelled, output, exits=exit_list, title=title)
+    console.print(f"Wrote {output}: validation KL of {len(labelled)} runs at exits {', '.join(map(str, drawn))}.")
 
 
 def main() -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import codecs
 import glob
 import logging
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,24 @@ class DataSource:
     files: tuple[str, ...] = ()
 
 
+_VARIABLE = re.compile(r"\$(\w+|\{\w+\})")
+
+
+def expand_variables(spec: str, flag: str = "--data", variables: Mapping[str, str] | None = None) -> str:
+    """Replace $NAME and ${NAME} with environment variables (or `variables`), and a leading ~ with home."""
+
+    def replace(match: re.Match) -> str:
+        name = match.group(1).strip("{}")
+        value = (variables or {}).get(name, os.environ.get(name))
+        if value is None:
+            raise BadInputError(
+                f"{flag} {spec!r}: the environment variable {name} is not set; set it, or write the path out"
+            )
+        return value
+
+    return os.path.expanduser(_VARIABLE.sub(replace, spec))
+
+
 def resolve_data(spec: str | None) -> DataSource:
     """Find the training files named by --data: files, folders (searched recursively) or globs."""
     if not spec:
@@ -31,13 +52,14 @@ def resolve_data(spec: str | None) -> DataSource:
             "--data is missing: pass training text as .txt/.jsonl/.parquet files, a folder, a glob, "
             "or a hub dataset id"
         )
-    path = Path(spec).expanduser()
+    path = Path(expand_variables(spec))
+    spec_expanded = str(path)
     if path.is_dir():
         candidates = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS)
     elif path.is_file():
         candidates = [str(path)]
-    elif glob.has_magic(spec):
-        candidates = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    elif glob.has_magic(spec_expanded):
+        candidates = sorted(p for p in glob.glob(spec_expanded, recursive=True) if Path(p).is_file())
     elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return DataSource(spec=spec, builder="hub")
     else:
@@ -141,6 +163,12 @@ def pack_blocks(dataset, tokenizer, seq_len: int):
 
 def build_splits(source: DataSource, tokenizer, seq_len: int, val_blocks: int, seed: int, text_field: str = "text"):
     """Return (train, validation) datasets of packed blocks, with the validation blocks held out at random."""
+    train, validation = _split_blocks(source, tokenizer, seq_len, val_blocks, seed, text_field)
+    return train.with_format("torch"), validation.with_format("torch") if validation is not None else None
+
+
+def _split_blocks(source: DataSource, tokenizer, seq_len: int, val_blocks: int, seed: int, text_field: str):
+    """Pack `source` into blocks and hold out validation blocks at random (both splits then come shuffled)."""
     blocks = pack_blocks(load_text_dataset(source, text_field), tokenizer, seq_len)
     minimum = 1 + (1 if val_blocks > 0 else 0)
     if len(blocks) < minimum:
@@ -153,6 +181,55 @@ def build_splits(source: DataSource, tokenizer, seq_len: int, val_blocks: int, s
         )
     val_count = min(val_blocks, max(1, len(blocks) // 10)) if val_blocks > 0 else 0
     if val_count == 0:
-        return blocks.with_format("torch"), None
+        return blocks, None
     split = blocks.train_test_split(test_size=val_count, seed=seed, shuffle=True)
-    return split["train"].with_format("torch"), split["test"].with_format("torch")
+    return split["train"], split["test"]
+
+
+@dataclass(frozen=True)
+class DataMixture:
+    """Several training sources, each with its share of the training blocks."""
+
+    sources: tuple[DataSource, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def spec(self) -> str:
+        return ", ".join(f"{source.spec} ({weight:g})" for source, weight in zip(self.sources, self.weights))
+
+
+def resolve_mixture(mix: Mapping[str, float]) -> DataMixture:
+    """Find the files of every source of a data_mix recipe entry."""
+    sources = tuple(resolve_data(spec) for spec in mix)
+    return DataMixture(sources=sources, weights=tuple(float(weight) for weight in mix.values()))
+
+
+def build_mixture_splits(
+    mixture: DataMixture, tokenizer, seq_len: int, val_blocks: int, seed: int, text_field: str = "text"
+):
+    """Return (train, validation) blocks drawn from several sources in proportion to their weights.
+
+    Training blocks are drawn from source i with probability weight_i / sum(weights) until the first
+    source runs out, so that no block repeats within an epoch. Each source gives validation blocks in
+    proportion to its weight (at least one each).
+    """
+    import datasets
+
+    total = sum(mixture.weights)
+    probabilities = [weight / total for weight in mixture.weights]
+    train_parts, val_parts = [], []
+    for source, probability in zip(mixture.sources, probabilities):
+        count = max(1, round(val_blocks * probability)) if val_blocks > 0 else 0
+        train, validation = _split_blocks(source, tokenizer, seq_len, count, seed, text_field)
+        if validation is None:
+            # Interleaving takes each source's blocks in order, so shuffle them to draw from all of it.
+            train = train.shuffle(seed=seed)
+        logger.info("data mixture: %s gives %d training blocks, weight %.3f", source.spec, len(train), probability)
+        train_parts.append(train)
+        if validation is not None:
+            val_parts.append(validation)
+    train = datasets.interleave_datasets(
+        train_parts, probabilities=probabilities, seed=seed, stopping_strategy="first_exhausted"
+    )
+    validation = datasets.concatenate_datasets(val_parts).with_format("torch") if val_parts else None
+    return train.with_format("torch"), validation

@@ -91,6 +91,30 @@ def distillation_losses(
     return _ChunkedDistillation.apply(head, teacher_flat, weights, chunk_tokens, temperature, *exits_flat)
 
 
+def hidden_state_losses(
+    teacher_hidden: torch.Tensor,
+    exit_hidden: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return each exit's mean squared error against the teacher's hidden state, shape (num_exits,).
+
+    The squared difference is averaged over the hidden dimension and then over tokens, leaving out
+    padding positions (attention_mask == 0). Both states are the ones the shared LM head reads: after
+    the exit norm and after the base's final norm. Computed in fp32, also under bf16 autocast.
+    """
+    teacher = teacher_hidden.detach().float()
+    if attention_mask is None:
+        weights = torch.full(teacher.shape[:-1], 1.0 / teacher.shape[:-1].numel(), device=teacher.device)
+    else:
+        mask = attention_mask.float()
+        weights = mask / mask.sum().clamp_min(1.0)
+    losses = []
+    for hidden in exit_hidden:
+        token_mse = (hidden.float() - teacher).pow(2).mean(dim=-1)  # (batch, sequence)
+        losses.append((token_mse * weights).sum())
+    return torch.stack(losses)
+
+
 def naive_distillation_losses(
     head: nn.Module,
     teacher_hidden: torch.Tensor,

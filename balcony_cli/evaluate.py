@@ -51,6 +51,9 @@ class EvalRequest:
     device: str = "cpu"
     dtype: str = "float32"
     allow_base_mismatch: bool = False
+    full: bool = True
+    """Include the full model's row. A study leaves it out after the first checkpoint, because the
+    frozen base scores the same on every checkpoint of one base."""
 
     def validate(self) -> None:
         """Check everything that can be checked before loading a model."""
@@ -210,7 +213,7 @@ def evaluate(
         influence = block_influence(model.base, windows)
         keep = {k: layers_to_keep(influence, k + 1) for k in exits}
 
-    plan: list[tuple[str, int | None]] = [("full", None)]
+    plan: list[tuple[str, int | None]] = [("full", None)] if request.full else []
     for k in exits:
         plan.append(("exit", k))
         if "prune" in request.baselines:

@@ -7,8 +7,10 @@ from typing import Literal
 
 from balcony_cli.errors import BadInputError
 
-Init = Literal["copy-last", "random"]
-INIT_CHOICES: tuple[str, ...] = ("copy-last", "random")
+Init = Literal["copy-last", "copy-next", "fit", "random"]
+INIT_CHOICES: tuple[str, ...] = ("copy-last", "copy-next", "fit", "random")
+# Initialisations that need calibration text, so only `balcony train` can apply them.
+DATA_INITS: tuple[str, ...] = ("fit",)
 
 
 def parse_exits(text: str | Sequence[int], num_layers: int | None = None) -> list[int]:

@@ -14,7 +14,7 @@ from balcony_cli.checkpoint import (
 )
 from balcony_cli.loading import check_decoder_only, load_base_model, load_config, resolve_model
 from balcony_cli.errors import BadInputError
-from balcony_cli.exits import INIT_CHOICES
+from balcony_cli.exits import DATA_INITS, INIT_CHOICES
 from balcony_cli.model import BalconyModel, parse_exits
 
 
@@ -22,6 +22,10 @@ def insert(model_spec: str, exits: list[int], output_dir: Path, init: str = "cop
     """Add untrained Balcony layers to a base model and save them (balcony_config.json, balcony.safetensors)."""
     if init not in INIT_CHOICES:
         raise BadInputError(f"--init {init!r}: expected one of {', '.join(INIT_CHOICES)}")
+    if init in DATA_INITS:
+        raise BadInputError(
+            f"--init {init}: needs calibration text, which insert does not read; use `balcony train --init {init}`"
+        )
     check_output_dir(output_dir, overwrite=overwrite)
     source = resolve_model(model_spec)
     config = load_config(source)

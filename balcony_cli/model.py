@@ -12,7 +12,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from balcony_cli.architectures import Layout, layout_for
-from balcony_cli.distill import distillation_losses
+from balcony_cli.distill import distillation_losses, hidden_state_losses
 from balcony_cli.errors import BadInputError
 
 from balcony_cli.exits import INIT_CHOICES, Init, parse_exits  # noqa: F401 (re-exported)
@@ -33,7 +33,13 @@ class BalconyTrainingOutput(ModelOutput):
     naive_hidden: dict[int, torch.Tensor] | None = None
     """Layer k's output after the base's final norm: the untrained early exit, when requested."""
     losses: torch.Tensor | None = None
-    """Each exit's mean KL(full || exit), shape (num_exits,), when a loss temperature is given."""
+    """Each exit's training loss, shape (num_exits,), when a loss temperature is given: its mean
+    KL(full || exit), plus hidden_loss_weight times its hidden-state MSE."""
+    kl: torch.Tensor | None = None
+    """Each exit's mean KL(full || exit) at the loss temperature, shape (num_exits,)."""
+    hidden_mse: torch.Tensor | None = None
+    """Each exit's mean squared error against the full model's final hidden state, shape (num_exits,),
+    when hidden_loss_weight is positive."""
 
 
 class BalconyModel(nn.Module):
@@ -42,6 +48,12 @@ class BalconyModel(nn.Module):
     `forward(input_ids, exit=k)` and `generate(..., exit=k)` run exit k as an ordinary model of the
     base's own class with k + 1 layers. That model is a view: it shares every module with the base
     and the Balcony layer, so switching exits copies no weights.
+
+    Initialisations: "copy-last" copies the base's last layer and takes the input norm of layer k + 1
+    as the exit norm. "copy-next" copies layer k + 1, the layer whose position the Balcony layer
+    takes, with the same exit norm. "fit" starts as copy-last with a copy of the base's final norm,
+    and `balcony_cli.init_fit.fit_exits` then corrects the MLP output projection on calibration text;
+    without that call it is only a starting point. "random" uses the base's own weight initialiser.
     """
 
     def __init__(self, base: nn.Module, exits: Iterable[int], init: Init = "copy-last", seed: int = 0):
@@ -67,12 +79,19 @@ class BalconyModel(nn.Module):
             # KV-cache index match the position it takes in the exit-k model.
             layer = layer_class(base.config, layer_idx=k)
             norm = copy.deepcopy(self.layout.layer_input_norm(base_layers[k]))
-            if init == "copy-last":
+            if init in ("copy-last", "fit"):
                 layer.load_state_dict(base_layers[-1].state_dict())
+            elif init == "copy-next":
+                # base_layers is 0-based, so base_layers[k] is layer k + 1.
+                layer.load_state_dict(base_layers[k].state_dict())
             else:
                 with torch.no_grad():
                     layer.apply(base._init_weights)
                     norm.apply(base._init_weights)
+            if init == "fit":
+                # The fit pulls the Balcony layer's output towards the base's last residual state, which
+                # the base's final norm expects.
+                norm = copy.deepcopy(self.layout.final_norm(base))
             self.layout.set_layer_index(layer, k)
             exit_layers[str(k)] = layer.to(device=reference_param.device, dtype=reference_param.dtype)
             exit_norms[str(k)] = norm.to(device=reference_param.device, dtype=reference_param.dtype)
@@ -188,6 +207,7 @@ class BalconyModel(nn.Module):
         naive: bool = False,
         loss_temperature: float | None = None,
         loss_chunk_tokens: int = 1024,
+        hidden_loss_weight: float = 0.0,
     ) -> BalconyTrainingOutput:
         """Run the base once and every exit on the way, returning hidden states before the head.
 
@@ -195,9 +215,10 @@ class BalconyModel(nn.Module):
         mask, position ids and position embeddings that the base passes to that slot, and feeds them
         to Balcony layer k. The exit therefore computes what `forward(exit=k)` computes.
 
-        With `loss_temperature` set, the output also carries each exit's distillation loss. The loss
-        is computed here, inside forward, because a sharding wrapper (FSDP) gathers the shared LM
-        head's weight only while forward runs.
+        With `loss_temperature` set, the output also carries each exit's distillation loss, plus
+        `hidden_loss_weight` times the mean squared error between the exit's hidden state (after its
+        norm) and the full model's (after the final norm). The loss is computed here, inside forward,
+        because a sharding wrapper (FSDP) gathers the shared LM head's weight only while forward runs.
         """
         exits = self.exits if exits is None else list(exits)
         base_layers = self.layout.layers(self.base)
@@ -226,9 +247,9 @@ class BalconyModel(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        losses = None
+        losses = kl = hidden_mse = None
         if loss_temperature is not None:
-            losses = distillation_losses(
+            kl = distillation_losses(
                 self.head,
                 body_out.last_hidden_state,
                 [exit_hidden[k] for k in exits],
@@ -236,11 +257,19 @@ class BalconyModel(nn.Module):
                 temperature=loss_temperature,
                 chunk_tokens=loss_chunk_tokens,
             )
+            losses = kl
+            if hidden_loss_weight > 0:
+                hidden_mse = hidden_state_losses(
+                    body_out.last_hidden_state, [exit_hidden[k] for k in exits], attention_mask=attention_mask
+                )
+                losses = kl + hidden_loss_weight * hidden_mse
         return BalconyTrainingOutput(
             full_hidden=body_out.last_hidden_state,
             exit_hidden=exit_hidden,
             naive_hidden=naive_hidden if naive else None,
             losses=losses,
+            kl=kl,
+            hidden_mse=hidden_mse,
         )
 
 

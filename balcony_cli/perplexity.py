@@ -71,6 +71,61 @@ def nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_t
     return total
 
 
+# Equal-width confidence bins for the expected calibration error, as in Guo et al. (2017), "On
+# Calibration of Modern Neural Networks".
+CALIBRATION_BINS = 15
+
+
+@dataclass
+class PredictionStatistics:
+    """Running sums over predicted tokens: NLL, entropy, and top-1 confidence and accuracy per bin."""
+
+    tokens: int = 0
+    nll: float = 0.0
+    entropy: float = 0.0
+    bin_counts: list[int] = field(default_factory=lambda: [0] * CALIBRATION_BINS)
+    bin_confidence: list[float] = field(default_factory=lambda: [0.0] * CALIBRATION_BINS)
+    bin_correct: list[float] = field(default_factory=lambda: [0.0] * CALIBRATION_BINS)
+
+    @torch.no_grad()
+    def add(self, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 2048) -> None:
+        """Add the predictions of `head` on hidden: (batch, seq, dim) for labels: (batch, seq)."""
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = labels.reshape(-1)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            log_probs = F.log_softmax(head(hidden[start : start + chunk_tokens]).float(), dim=-1)  # (chunk, vocab)
+            chunk_labels = labels[start : start + chunk_tokens]
+            self.tokens += chunk_labels.numel()
+            self.nll -= log_probs.gather(1, chunk_labels[:, None]).sum().item()
+            self.entropy -= (log_probs.exp() * log_probs).sum().item()
+            confidence, guess = log_probs.max(dim=-1)
+            confidence = confidence.exp()
+            correct = (guess == chunk_labels).float()
+            bins = (confidence * CALIBRATION_BINS).long().clamp_(max=CALIBRATION_BINS - 1)
+            counts = torch.bincount(bins, minlength=CALIBRATION_BINS)
+            confidence_sums = torch.bincount(bins, weights=confidence, minlength=CALIBRATION_BINS)
+            correct_sums = torch.bincount(bins, weights=correct, minlength=CALIBRATION_BINS)
+            for index in range(CALIBRATION_BINS):
+                self.bin_counts[index] += int(counts[index])
+                self.bin_confidence[index] += float(confidence_sums[index])
+                self.bin_correct[index] += float(correct_sums[index])
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity_from_nll(self.nll, self.tokens)
+
+    @property
+    def mean_entropy(self) -> float:
+        """Mean entropy of the predicted next-token distribution, in nats."""
+        return self.entropy / max(self.tokens, 1)
+
+    @property
+    def expected_calibration_error(self) -> float:
+        """Token-weighted mean over bins of |mean top-1 confidence - top-1 accuracy|."""
+        total = sum(abs(confidence - correct) for confidence, correct in zip(self.bin_confidence, self.bin_correct))
+        return total / max(self.tokens, 1)
+
+
 @dataclass
 class PerplexityTable:
     """Perplexity of each row, and how many tokens were predicted."""

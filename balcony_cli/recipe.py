@@ -22,10 +22,20 @@ class Recipe:
 
     exits: list[int] | None = None
     """Layer indices (1-based) after which an exit is added; given here or with --exits."""
-    init: Literal["copy-last", "random"] = "copy-last"
-    """Balcony layer initialisation: a copy of the base's last layer, or random (for ablations)."""
+    init: Literal["copy-last", "copy-next", "fit", "random"] = "copy-last"
+    """Balcony layer initialisation: copy of the last layer or of layer k + 1, fitted (see init_fit.py), or random."""
+    fit_blocks: int = 32
+    """Training blocks used as calibration text by init: fit."""
+    fit_ridge: float = 1e-2
+    """Ridge strength of init: fit, relative to the mean eigenvalue of the features' Gram matrix."""
     data: str | None = None
-    """Training text: local .txt/.jsonl/.parquet files, folders or globs, or a hub dataset id."""
+    """Training text: .txt/.jsonl/.parquet files, folders or globs (with $VARIABLES expanded), or a hub dataset id."""
+    data_mix: dict[str, float] | None = None
+    """Training text mixture instead of data: source (as in data) -> weight, its share of the training blocks."""
+    self_generated_tokens: int = 0
+    """Tokens to sample from the base model, prompted by data's paragraph starts, to train on instead of data; 0: off."""
+    self_generated_new_tokens: int = 128
+    """Tokens sampled after each prompt when self_generated_tokens is set."""
     text_field: str = "text"
     """Column that contains the text in .jsonl and .parquet data."""
     seq_len: int = 256
@@ -35,11 +45,13 @@ class Recipe:
     grad_accum_steps: int = 1
     """Micro-batches per optimiser step."""
     max_steps: int = 300
-    """Optimiser steps."""
+    """Optimiser steps; with max_minutes, the most steps the run may take."""
+    max_minutes: float | None = None
+    """Minutes of optimiser steps (validation and saving not counted) before training stops; the LR schedule follows time."""
     lr: float = 1e-3
     """Peak AdamW learning rate."""
     warmup_ratio: float = 0.01
-    """Share of max_steps spent in linear warm-up before the cosine decay to zero."""
+    """Share of max_steps (of max_minutes, when set) spent in linear warm-up before the cosine decay to zero."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -47,7 +59,9 @@ class Recipe:
     grad_clip: float = 1.0
     """Maximum global gradient norm; 0 turns clipping off."""
     temperature: float = 1.0
-    """Distillation temperature applied to both the full-model and the exit logits."""
+    """Distillation temperature applied to the full-model and the exit logits (validation KL always uses 1)."""
+    hidden_loss_weight: float = 0.0
+    """Weight of the MSE between each exit's normed hidden state and the full model's, added to the KL."""
     exit_weights: list[float] | None = None
     """Loss weight of each exit, in the order of `exits`; default 1.0 each."""
     loss_chunk_tokens: int = 1024
@@ -60,6 +74,8 @@ class Recipe:
     """Blocks held out from the training data for validation."""
     eval_every: int = 100
     """Steps between validation passes (0: only at the end)."""
+    eval_at_start: bool = False
+    """Also run a validation pass before the first step, so that validation curves start at 0 tokens."""
     save_every: int = 100
     """Steps between checkpoints (0: only the final save)."""
     log_every: int = 10
@@ -79,12 +95,13 @@ class Recipe:
             self.exits = parse_exits(list(self.exits))
         if self.init not in INIT_CHOICES:
             errors.append(f"{_label('init')} {self.init!r}: expected one of {', '.join(INIT_CHOICES)}")
-        for name in ("seq_len", "batch_size", "grad_accum_steps", "max_steps", "loss_chunk_tokens", "ppl_window"):
+        for name in ("seq_len", "batch_size", "grad_accum_steps", "max_steps", "loss_chunk_tokens", "ppl_window",
+                     "fit_blocks", "self_generated_new_tokens"):
             if getattr(self, name) < 1:
                 errors.append(f"{_label(name)} {getattr(self, name)}: must be a positive integer")
         if self.seq_len < 2:
             errors.append(f"{_label('seq_len')} {self.seq_len}: must be at least 2")
-        for name in ("val_blocks", "eval_every", "save_every", "log_every", "ppl_tokens"):
+        for name in ("val_blocks", "eval_every", "save_every", "log_every", "ppl_tokens", "self_generated_tokens"):
             if getattr(self, name) < 0:
                 errors.append(f"{_label(name)} {getattr(self, name)}: must not be negative")
         if not self.lr > 0:
@@ -93,6 +110,13 @@ class Recipe:
             errors.append(f"{_label('warmup_ratio')} {self.warmup_ratio}: must lie in [0, 1)")
         if not self.temperature > 0:
             errors.append(f"{_label('temperature')} {self.temperature}: must be positive")
+        if not self.hidden_loss_weight >= 0:
+            errors.append(f"{_label('hidden_loss_weight')} {self.hidden_loss_weight}: must not be negative")
+        if not self.fit_ridge > 0:
+            errors.append(f"{_label('fit_ridge')} {self.fit_ridge}: must be positive")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            errors.append(f"{_label('max_minutes')} {self.max_minutes}: must be positive, or unset for no time limit")
+        errors += self._data_errors()
         if self.precision not in ("fp32", "bf16"):
             errors.append(f"{_label('precision')} {self.precision!r}: expected fp32 or bf16")
         if self.exit_weights is not None:
@@ -106,6 +130,28 @@ class Recipe:
         self.adam_betas = tuple(self.adam_betas)
         if errors:
             raise BadInputError("invalid recipe: " + "; ".join(errors))
+
+    def _data_errors(self) -> list[str]:
+        errors = []
+        if self.data_mix is not None:
+            if self.data is not None:
+                errors.append(
+                    f"data ({self.data!r}) and data_mix are both set; train on one of them, so remove data or "
+                    "data_mix (a --data flag counts as data)"
+                )
+            if not self.data_mix:
+                errors.append("data_mix is empty; give at least one source with a weight, or remove it")
+            for source, weight in self.data_mix.items():
+                if not isinstance(source, str) or not source:
+                    errors.append(f"data_mix key {source!r}: expected a data source such as a folder of .txt files")
+                elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                    errors.append(f"data_mix[{source!r}] {weight!r}: expected a positive weight")
+            if self.self_generated_tokens:
+                errors.append(
+                    "self_generated_tokens takes its prompts from data, and data_mix is set; set data instead "
+                    "of data_mix, or set self_generated_tokens to 0"
+                )
+        return errors
 
     def weights(self) -> list[float]:
         assert self.exits is not None

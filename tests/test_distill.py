@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from balcony_cli.distill import distillation_losses, naive_distillation_losses, token_kl
+from balcony_cli.distill import distillation_losses, hidden_state_losses, naive_distillation_losses, token_kl
 
 
 def test_token_kl_matches_hand_computation():
@@ -93,3 +93,42 @@ def test_head_with_bias_supported():
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_hidden_state_loss_equals_hand_computed_value():
+    teacher = torch.zeros(1, 2, 2)
+    exit_hidden = torch.tensor([[[1.0, 1.0], [3.0, 1.0]]])
+    # Token 1: (1 + 1) / 2 = 1; token 2: (9 + 1) / 2 = 5; mean over tokens = 3.
+    assert hidden_state_losses(teacher, [exit_hidden]).tolist() == [3.0]
+    # Padding at token 2 leaves token 1 alone.
+    assert hidden_state_losses(teacher, [exit_hidden], torch.tensor([[1, 0]])).tolist() == [1.0]
+    shifted = hidden_state_losses(teacher + 1.0, [exit_hidden, teacher])
+    # Against a teacher of ones: token 1 gives 0, token 2 gives (4 + 0) / 2 = 2; zeros against ones give 1.
+    assert shifted.tolist() == [1.0, 1.0]
+
+
+def test_hidden_state_loss_gradient_reaches_exit_only():
+    teacher = torch.randn(2, 3, 4, requires_grad=True)
+    exit_hidden = torch.randn(2, 3, 4, requires_grad=True)
+    hidden_state_losses(teacher, [exit_hidden]).sum().backward()
+    assert teacher.grad is None
+    expected = 2 * (exit_hidden - teacher).detach() / exit_hidden.numel()
+    torch.testing.assert_close(exit_hidden.grad, expected)
+
+
+def test_forward_all_adds_weighted_hidden_term():
+    from conftest import VOCAB, tiny_model
+
+    from balcony_cli.model import BalconyModel
+
+    model = BalconyModel(tiny_model("llama"), [1, 2])
+    input_ids = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        out = model.forward_all(input_ids, loss_temperature=1.0, hidden_loss_weight=0.5)
+        plain = model.forward_all(input_ids, loss_temperature=1.0)
+    assert plain.hidden_mse is None
+    torch.testing.assert_close(plain.losses, plain.kl)
+    for index, k in enumerate([1, 2]):
+        mse = (out.exit_hidden[k] - out.full_hidden).pow(2).mean()
+        assert out.hidden_mse[index].item() == pytest.approx(mse.item(), rel=1e-5)
+        assert out.losses[index].item() == pytest.approx(out.kl[index].item() + 0.5 * mse.item(), rel=1e-5)

@@ -74,3 +74,38 @@ def test_missing_recipe_file():
 def test_synonym_key_suggests_our_name():
     with pytest.raises(BadInputError, match="'learning_rate'; did you mean 'lr'"):
         recipe_from_dict({"learning_rate": 0.1})
+
+
+def test_study_levers_load_from_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "exits: [1, 2]\ninit: fit\nfit_blocks: 8\nhidden_loss_weight: 1\nmax_minutes: 10\neval_at_start: true\n"
+        "data_mix:\n  a/books: 1\n  b/stories: 0.5\n"
+    )
+    recipe = load_recipe(path)
+    assert recipe.init == "fit"
+    assert recipe.hidden_loss_weight == 1.0
+    assert isinstance(recipe.hidden_loss_weight, float)
+    assert recipe.max_minutes == 10.0
+    assert recipe.data_mix == {"a/books": 1, "b/stories": 0.5}
+    assert recipe_from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
+    assert load_recipe(path, {"init": "copy-next"}).init == "copy-next"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"data": "a", "data_mix": {"b": 1.0}}, "both set"),
+        ({"data_mix": {}}, "data_mix is empty"),
+        ({"data_mix": {"b": 0}}, "positive weight"),
+        ({"data_mix": {"b": 1.0}, "self_generated_tokens": 100}, "prompts from data"),
+        ({"max_minutes": 0.0}, "max_minutes"),
+        ({"hidden_loss_weight": -1.0}, "hidden_loss_weight"),
+        ({"fit_ridge": 0.0}, "fit_ridge"),
+        ({"self_generated_tokens": -5}, "self_generated_tokens"),
+        ({"init": "copy-first"}, "copy-next"),
+    ],
+)
+def test_invalid_study_levers_rejected(changes, message):
+    with pytest.raises(BadInputError, match=message):
+        recipe_from_dict({"exits": [1], **changes})

@@ -251,3 +251,167 @@ def test_resume_before_first_checkpoint_suggests_overwrite(tiny_model_dir, corpu
     with pytest.raises(BadInputError, match="--overwrite"):
         train(TrainRequest(model=str(tiny_model_dir), recipe=tiny_recipe(corpus_dir), output_dir=output,
                            resume=True, perplexity=False))
+
+
+def read_records(directory) -> list[dict]:
+    return [json.loads(line) for line in (directory / METRICS).read_text().splitlines()]
+
+
+class FakeClock:
+    """A perf_counter that moves on by a fixed number of seconds at each reading, whatever the load."""
+
+    def __init__(self, seconds_per_reading: float) -> None:
+        self.now = 0.0
+        self.seconds_per_reading = seconds_per_reading
+
+    def perf_counter(self) -> float:
+        self.now += self.seconds_per_reading
+        return self.now
+
+
+def test_max_minutes_stops_and_saves(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    # The trainer reads its clock a few times per step, so 1.2 s last a handful of steps on any machine.
+    monkeypatch.setattr("balcony_cli.train.time", FakeClock(0.05))
+    recipe = tiny_recipe(corpus_dir, max_steps=10_000, max_minutes=0.02, eval_every=0, save_every=0)
+    result = train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, perplexity=False))
+
+    assert 3 <= result.steps < 30
+    assert result.stopped_by == "max_minutes"
+    assert result.train_seconds >= 1.2
+    assert (output / "checkpoints" / "latest").read_text() == f"step-{result.steps:07d}"
+    summary = json.loads((output / SUMMARY).read_text())
+    assert summary["steps"] == result.steps
+    assert summary["stopped_by"] == "max_minutes"
+    steps = [r for r in read_records(output) if "loss" in r]
+    assert steps[-1]["step"] == result.steps
+    # The time schedule ends at a learning rate of zero, as the step schedule does at max_steps.
+    assert steps[-1]["lr"] == 0.0
+    assert max(r["lr"] for r in steps) > 0
+
+    with pytest.raises(BadInputError, match="already trained for"):
+        train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, resume=True))
+    monkeypatch.setattr("balcony_cli.train.time", FakeClock(0.05))
+    longer = tiny_recipe(corpus_dir, max_steps=10_000, max_minutes=0.03, eval_every=0, save_every=0)
+    extended = train(TrainRequest(model=str(tiny_model_dir), recipe=longer, output_dir=output, resume=True,
+                                  perplexity=False))
+    assert extended.steps > result.steps
+    assert extended.train_seconds >= 1.8
+
+
+def test_resume_rejects_switching_to_time_budget(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainRequest(model=str(tiny_model_dir), recipe=tiny_recipe(corpus_dir), output_dir=output,
+                           perplexity=False), progress=StopAt(4))
+    with pytest.raises(BadInputError, match="max_minutes"):
+        train(TrainRequest(model=str(tiny_model_dir), recipe=tiny_recipe(corpus_dir, max_minutes=1.0),
+                           output_dir=output, resume=True, perplexity=False))
+
+
+def test_fit_init_records_preparation(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, init="fit", fit_blocks=8, max_steps=2, eval_every=0, save_every=0,
+                         eval_at_start=True)
+    result = train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, perplexity=False))
+    fit = result.preparation["init_fit"]
+    assert fit["seconds"] > 0
+    assert fit["blocks"] == 8
+    assert fit["exits"]["1"]["relative_error_after"] < fit["exits"]["1"]["relative_error_before"]
+    # Exit 3 of 4 layers starts as a copy of layer 4 in layer 4's place: the full model, with no error to fit.
+    assert fit["exits"]["3"]["relative_error_before"] == pytest.approx(0.0, abs=1e-9)
+    assert result.preparation_seconds == fit["seconds"]
+    summary = json.loads((output / SUMMARY).read_text())
+    assert summary["preparation"]["init_fit"]["seconds"] == fit["seconds"]
+    assert json.loads((output / "preparation.json").read_text()) == result.preparation
+    validations = [r for r in read_records(output) if r.get("split") == "validation"]
+    assert [r["step"] for r in validations] == [0, 2]
+    assert validations[0]["train_tokens"] == 0
+    assert validations[1]["train_tokens"] == 2 * 2 * 32
+
+
+def test_validation_reports_kl_entropy_and_calibration(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, hidden_loss_weight=0.5, temperature=2.0, max_steps=2, eval_every=2,
+                         save_every=0)
+    result = train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, perplexity=False))
+    validation = result.validation
+    for key in ("kl", "hidden_mse", "perplexity", "entropy", "ece"):
+        assert set(validation[key]) == {1, 3}, key
+    assert 0 <= validation["ece"][1] <= 1
+    # A near-uniform random model over 100 tokens predicts with entropy close to ln 100 = 4.6 nats.
+    assert 3.5 < validation["full_entropy"] < 4.61
+
+    # Validation KL uses temperature 1, whatever the training temperature.
+    from conftest import char_tokenizer
+
+    from balcony_cli.checkpoint import load_balcony
+
+    model, _ = load_balcony(output)
+    _, val_blocks = build_splits(resolve_data(str(corpus_dir)), char_tokenizer(), 32, 4, seed=0)
+    with torch.no_grad():
+        out = model.forward_all(val_blocks[:4]["input_ids"], loss_temperature=1.0)
+    assert validation["kl"][1] == pytest.approx(out.kl[0].item(), rel=1e-4)
+
+    steps = [r for r in read_records(output) if "loss" in r]
+    assert set(steps[-1]["hidden_mse"]) == {"1", "3"}
+    # The logged loss is the KL at the training temperature plus half the hidden-state error, summed over exits.
+    expected = sum(steps[-1]["kl"][k] + 0.5 * steps[-1]["hidden_mse"][k] for k in ("1", "3"))
+    assert steps[-1]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_data_mix_trains_on_both_sources(tiny_model_dir, corpus_dir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "c.txt").write_text("Once upon a time a cat sat on a mat.\n" * 80)
+    output = tmp_path / "run"
+    recipe = tiny_recipe(None, data=None, data_mix={str(corpus_dir): 1.0, str(other): 2.0}, max_steps=2,
+                         eval_every=0, save_every=0)
+    result = train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, perplexity=False))
+    assert result.steps == 2
+    data = json.loads((output / CONFIG_NAME).read_text())["training"]["data"]
+    assert str(corpus_dir) in data
+    assert str(other) in data
+
+
+def test_self_generated_tokens_train_on_samples(tiny_model_dir, corpus_dir, tmp_path):
+    from balcony_cli.selfgen import GENERATED_FILE
+
+    output = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, self_generated_tokens=400, self_generated_new_tokens=40, max_steps=2,
+                         eval_every=0, save_every=0, val_blocks=1)
+    result = train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, perplexity=False))
+    generated = output / "self-generated" / GENERATED_FILE
+    assert generated.is_file()
+    assert result.preparation["self_generated"]["generated_tokens"] >= 400
+    assert result.preparation["self_generated"]["seconds"] > 0
+    training = json.loads((output / CONFIG_NAME).read_text())["training"]
+    assert training["data"] == str(generated)
+
+
+def test_bf16_autocast_covers_teacher_and_exits():
+    """Under the trainer's accelerate setup on CPU, the teacher's and the exits' matmuls run in bf16."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from conftest import VOCAB, tiny_model
+
+    from balcony_cli.model import BalconyModel
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    model = accelerator.prepare(BalconyModel(tiny_model("llama"), [1, 2]))
+    core = accelerator.unwrap_model(model)
+    dtypes = {}
+    probes = {"teacher layer 4": core.base.model.layers[3].mlp.down_proj,
+              "exit 2 layer": core.exit_layers["2"].mlp.down_proj}
+    handles = [module.register_forward_hook(lambda m, args, out, name=name: dtypes.__setitem__(name, out.dtype))
+               for name, module in probes.items()]
+    try:
+        out = model(torch.randint(0, VOCAB, (2, 8)), exit="all", loss_temperature=1.0)
+    finally:
+        for handle in handles:
+            handle.remove()
+        AcceleratorState._reset_state(reset_partial_state=False)
+    assert dtypes == {"teacher layer 4": torch.bfloat16, "exit 2 layer": torch.bfloat16}
+    assert out.losses.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in core.balcony_parameters())
