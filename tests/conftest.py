@@ -10,6 +10,11 @@ from transformers import Qwen2Config, Qwen3Config
 VOCAB = 100
 NUM_LAYERS = 4
 
+# Tiny models run fastest on one thread, and single-threaded tests do not fight over the cores with
+# the training subprocesses some tests start: with OpenMP spin-waiting, two 2-thread processes on two
+# cores can run many times slower than one.
+torch.set_num_threads(1)
+
 
 def tiny_config(model_type: str):
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
