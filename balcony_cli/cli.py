@@ -563,6 +563,8 @@ def eval_command(
     def on_row(name: str, index: int, total: int) -> None:
         if console.is_terminal:
             console.rule(f"[bold]{name}[/bold] ({index + 1}/{total})")
+        else:
+            logger.info("evaluating %s (%d/%d)", name, index + 1, total)
 
     result = evaluate(request, on_row=on_row, progress=console.is_terminal)
     settings = {key: (str(value) if isinstance(value, Path) else value)
@@ -673,6 +675,8 @@ def bench_command(
     def on_row(name: str, index: int, total: int) -> None:
         if console.is_terminal:
             console.print(f"[bold]{name}[/bold] ({index + 1}/{total})")
+        else:
+            logger.info("measuring %s (%d/%d)", name, index + 1, total)
 
     result = bench(request, on_row=on_row)
     settings = {key: (str(value) if isinstance(value, Path) else value)
@@ -773,6 +777,8 @@ def study_command(
     def on_row(name: str, index: int, total: int) -> None:
         if console.is_terminal:
             console.rule(f"[bold]{name}[/bold] ({index + 1}/{total})")
+        else:
+            logger.info("evaluating %s (%d/%d)", name, index + 1, total)
 
     result = run_study(StudyRequest(study_path=study_file, data_dir=data_path, output_dir=output, only=only),
                        on_row=on_row)
