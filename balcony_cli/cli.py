@@ -358,6 +358,12 @@ def export(
     exit: str = typer.Option(..., "--exit", help="Exit to export (a layer index), or 'all' for one subfolder each."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the exported model to."),
     format: str = typer.Option("hf", "--format", help="Output format: hf (a Hugging Face model directory)."),
+    eval_json: Optional[Path] = typer.Option(
+        None, "--eval-json", help="Add the table of this `balcony eval --json` document to the model card."
+    ),
+    bench_json: Optional[Path] = typer.Option(
+        None, "--bench-json", help="Add the table of this `balcony bench --json` document to the model card."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     allow_base_mismatch: bool = typer.Option(
         False, "--allow-base-mismatch", help="Load the checkpoint even if the base weights differ from training."
@@ -377,14 +383,16 @@ def export(
     if json_path and json_path != "-" and Path(json_path).exists() and not overwrite:
         raise BadInputError(f"--json {json_path!r}: the file exists; pass --overwrite or choose another path")
     results = export_exits(checkpoint, exit_value, output, format=format, overwrite=overwrite,
-                           allow_base_mismatch=allow_base_mismatch)
+                           allow_base_mismatch=allow_base_mismatch, eval_json=eval_json, bench_json=bench_json)
     rows = [
         {"exit": r.exit, "directory": str(r.directory), "num_layers": r.num_layers, "parameters": r.parameters,
          "full_parameters": r.full_parameters, "trained": r.trained}
         for r in results
     ]
     if json_path:
-        settings = {"checkpoint": str(checkpoint), "exit": exit_value, "output": str(output), "format": format}
+        settings = {"checkpoint": str(checkpoint), "exit": exit_value, "output": str(output), "format": format,
+                    "eval_json": str(eval_json) if eval_json else None,
+                    "bench_json": str(bench_json) if bench_json else None}
         fingerprint = read_balcony_config(checkpoint)["base_fingerprint"]
         _write_json(json_path, _json_document(settings, fingerprint, exports=rows), overwrite)
     if json_path == "-":

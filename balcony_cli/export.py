@@ -1,4 +1,4 @@
-"""`balcony export`: write one exit as a plain Hugging Face model of the base's own architecture.
+"""`balcony export`: write one exit as a plain model of the base's own architecture.
 
 Exit k is already an instance of the base class with k + 1 layers (see BalconyModel.exit_model), so
 transformers' save_pretrained writes it as is: layer indices 0..k, a config with
@@ -21,6 +21,7 @@ from balcony_cli.checkpoint import (
 from balcony_cli.errors import BadInputError
 from balcony_cli.loading import ModelSource, load_tokenizer
 from balcony_cli.model import BalconyModel
+from balcony_cli.model_card import CardFacts, model_card, read_results_document
 
 logger = logging.getLogger(__name__)
 
@@ -47,47 +48,15 @@ def _parameter_count(model) -> int:
     return total
 
 
-def model_card(config: dict, exported: ExportedExit) -> str:
-    """Write the README.md of an exported exit: base, exit, size against the full model, training."""
-    base = config["base_model"]
-    training = config.get("training") or {}
-    recipe = training.get("recipe") or {}
-    lines = [
-        f"# {base['spec']}: Balcony exit {exported.exit}",
-        "",
-        f"This is exit {exported.exit} of `{base['spec']}` ({base['model_type']}, {base['num_layers']} layers), "
-        "exported by Balcony as a plain Hugging Face model of the base's own architecture. It runs layers "
-        f"1..{exported.exit} of the base, then a trained Balcony layer, then its own final norm and the "
-        "base's LM head. It loads with `AutoModelForCausalLM.from_pretrained` and needs no custom code.",
-        "",
-        "| | this exit | full model |",
-        "|---|---|---|",
-        f"| decoder layers | {exported.num_layers} | {base['num_layers']} |",
-        f"| parameters | {exported.parameters:,} | {exported.full_parameters:,} |",
-        "",
-        "## Training",
-        "",
-    ]
-    if exported.trained:
-        lines += [
-            "The Balcony layer was trained by self-distillation: forward KL(full model ‖ exit) per token,",
-            "with the base model frozen.",
-            "",
-            f"- steps: {training.get('steps')}",
-            f"- training tokens: {training.get('train_tokens')}",
-            f"- data: {training.get('data')}",
-            f"- exits trained together: {', '.join(map(str, config['exits']))}",
-            f"- learning rate: {recipe.get('lr')}, sequence length: {recipe.get('seq_len')}, "
-            f"initialisation: {config['init']}",
-        ]
-    else:
-        lines += ["**Untrained.** The Balcony layer is still at its initialisation "
-                  f"({config['init']}); expect poor output."]
-    lines += ["", f"Base weight fingerprint: `{config['base_fingerprint']}`", ""]
-    return "\n".join(lines)
-
-
-def _export_one(model: BalconyModel, config: dict, source: ModelSource, k: int, directory: Path) -> ExportedExit:
+def _export_one(
+    model: BalconyModel,
+    config: dict,
+    source: ModelSource,
+    k: int,
+    directory: Path,
+    evaluation: dict | None,
+    benchmark: dict | None,
+) -> ExportedExit:
     view = model.exit_model(k)
     view.save_pretrained(directory)
     load_tokenizer(source).save_pretrained(directory)
@@ -99,7 +68,14 @@ def _export_one(model: BalconyModel, config: dict, source: ModelSource, k: int, 
         full_parameters=_parameter_count(model.base),
         trained=bool(config.get("trained")),
     )
-    (directory / "README.md").write_text(model_card(config, exported))
+    facts = CardFacts(
+        exit=k,
+        num_layers=exported.num_layers,
+        parameters=exported.parameters,
+        full_parameters=exported.full_parameters,
+        trained=exported.trained,
+    )
+    (directory / "README.md").write_text(model_card(config, facts, evaluation, benchmark))
     return exported
 
 
@@ -110,10 +86,14 @@ def export(
     format: str = "hf",
     overwrite: bool = False,
     allow_base_mismatch: bool = False,
+    eval_json: Path | None = None,
+    bench_json: Path | None = None,
 ) -> list[ExportedExit]:
     """Export exit `exit` (or every exit, for "all") of a checkpoint into `output`.
 
     With "all", each exit goes into its own subfolder `exit-K`. The output appears atomically.
+    `eval_json` and `bench_json` add the tables of `balcony eval --json` and `balcony bench --json`
+    documents of the same checkpoint to the model card.
     """
     if format not in FORMATS:
         raise BadInputError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
@@ -126,6 +106,8 @@ def export(
                 f"--exit {k}: checkpoint {str(checkpoint)!r} has exits {','.join(map(str, config['exits']))}; "
                 "pick one of them or 'all'"
             )
+    evaluation = read_results_document(eval_json, "eval", checkpoint, config) if eval_json else None
+    benchmark = read_results_document(bench_json, "bench", checkpoint, config) if bench_json else None
     if not config.get("trained"):
         logger.warning("checkpoint %s is untrained; the model card marks the export as untrained", checkpoint)
 
@@ -136,7 +118,7 @@ def export(
         for k in exits:
             target = directory / f"exit-{k}" if exit == "all" else directory
             target.mkdir(parents=True, exist_ok=True)
-            results.append(_export_one(model, config, source, k, target))
+            results.append(_export_one(model, config, source, k, target, evaluation, benchmark))
     # Point the results at the final location, not the temporary directory they were written to.
     for result in results:
         result.directory = output / f"exit-{result.exit}" if exit == "all" else output
