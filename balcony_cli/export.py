@@ -1,8 +1,9 @@
 """`balcony export`: write one exit as a plain model of the base's own architecture.
 
 Exit k is already an instance of the base class with k + 1 layers (see BalconyModel.exit_model), so
-transformers' save_pretrained writes it as is: layer indices 0..k, a config with
-num_hidden_layers = k + 1 and per-layer lists cut to match, tied embeddings kept tied.
+transformers' save_pretrained writes it as is (`--format hf`): layer indices 0..k, a config with
+num_hidden_layers = k + 1 and per-layer lists cut to match, tied embeddings kept tied. `--format
+gguf` writes the same model as one GGUF file (see gguf_export).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from balcony_cli.model_card import CardFacts, model_card, read_results_document
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf")
 
 
 @dataclass
@@ -36,6 +37,12 @@ class ExportedExit:
     parameters: int
     full_parameters: int
     trained: bool
+    format: str = "hf"
+    gguf_file: str | None = None
+    """File name of the GGUF model inside `directory` (format gguf)."""
+    gguf_type: str | None = None
+    weights_bytes: int = 0
+    """Size of the weight files: model*.safetensors for hf, the .gguf file for gguf."""
 
 
 def _parameter_count(model) -> int:
@@ -48,18 +55,23 @@ def _parameter_count(model) -> int:
     return total
 
 
+def gguf_file_name(k: int | None, gguf_type: str) -> str:
+    """Name the GGUF file of exit k (None: the full model)."""
+    return f"{'full' if k is None else f'exit-{k}'}-{gguf_type}.gguf"
+
+
 def _export_one(
     model: BalconyModel,
     config: dict,
     source: ModelSource,
     k: int,
     directory: Path,
+    format: str,
+    gguf_type: str | None,
     evaluation: dict | None,
     benchmark: dict | None,
 ) -> ExportedExit:
     view = model.exit_model(k)
-    view.save_pretrained(directory)
-    load_tokenizer(source).save_pretrained(directory)
     exported = ExportedExit(
         exit=k,
         directory=directory,
@@ -67,6 +79,7 @@ def _export_one(
         parameters=_parameter_count(view),
         full_parameters=_parameter_count(model.base),
         trained=bool(config.get("trained")),
+        format=format,
     )
     facts = CardFacts(
         exit=k,
@@ -74,7 +87,32 @@ def _export_one(
         parameters=exported.parameters,
         full_parameters=exported.full_parameters,
         trained=exported.trained,
+        format=format,
     )
+    if format == "gguf":
+        from balcony_cli.gguf_export import write_gguf
+
+        name = gguf_file_name(k, gguf_type)
+        written = write_gguf(
+            view,
+            source,
+            directory / name,
+            gguf_type=gguf_type,
+            name=f"{config['base_model']['spec']} Balcony exit {k}",
+            extra_metadata={
+                "exit": k,
+                "trained": exported.trained,
+                "base_fingerprint": config["base_fingerprint"],
+            },
+        )
+        exported.gguf_file = facts.gguf_file = name
+        exported.gguf_type = facts.gguf_type = gguf_type
+        exported.weights_bytes = written.path.stat().st_size
+        facts.fallback_tensors = len(written.fallback_tensors)
+    else:
+        view.save_pretrained(directory)
+        load_tokenizer(source).save_pretrained(directory)
+        exported.weights_bytes = sum(path.stat().st_size for path in directory.glob("model*.safetensors"))
     (directory / "README.md").write_text(model_card(config, facts, evaluation, benchmark))
     return exported
 
@@ -86,6 +124,7 @@ def export(
     format: str = "hf",
     overwrite: bool = False,
     allow_base_mismatch: bool = False,
+    gguf_type: str | None = None,
     eval_json: Path | None = None,
     bench_json: Path | None = None,
 ) -> list[ExportedExit]:
@@ -95,8 +134,18 @@ def export(
     `eval_json` and `bench_json` add the tables of `balcony eval --json` and `balcony bench --json`
     documents of the same checkpoint to the model card.
     """
+    from balcony_cli.gguf_export import DEFAULT_GGUF_TYPE, GGUF_TYPES, gguf_architecture
+
     if format not in FORMATS:
         raise BadInputError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    if gguf_type is not None and format != "gguf":
+        raise BadInputError(
+            f"--gguf-type {gguf_type}: applies only to --format gguf; add --format gguf or drop --gguf-type"
+        )
+    if format == "gguf":
+        gguf_type = gguf_type or DEFAULT_GGUF_TYPE
+        if gguf_type not in GGUF_TYPES:
+            raise BadInputError(f"--gguf-type {gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
     check_output_dir(output, overwrite=overwrite)
     config = read_balcony_config(checkpoint)
     exits = list(config["exits"]) if exit == "all" else [int(exit)]
@@ -106,6 +155,8 @@ def export(
                 f"--exit {k}: checkpoint {str(checkpoint)!r} has exits {','.join(map(str, config['exits']))}; "
                 "pick one of them or 'all'"
             )
+    if format == "gguf":
+        gguf_architecture(config["base_model"]["model_type"])
     evaluation = read_results_document(eval_json, "eval", checkpoint, config) if eval_json else None
     benchmark = read_results_document(bench_json, "bench", checkpoint, config) if bench_json else None
     if not config.get("trained"):
@@ -118,7 +169,9 @@ def export(
         for k in exits:
             target = directory / f"exit-{k}" if exit == "all" else directory
             target.mkdir(parents=True, exist_ok=True)
-            results.append(_export_one(model, config, source, k, target, evaluation, benchmark))
+            results.append(
+                _export_one(model, config, source, k, target, format, gguf_type, evaluation, benchmark)
+            )
     # Point the results at the final location, not the temporary directory they were written to.
     for result in results:
         result.directory = output / f"exit-{result.exit}" if exit == "all" else output

@@ -27,6 +27,11 @@ class CardFacts:
     parameters: int
     full_parameters: int
     trained: bool
+    format: str = "hf"
+    gguf_file: str | None = None
+    gguf_type: str | None = None
+    fallback_tensors: int = 0
+    """q8_0 only: tensors stored as F16 because their rows are not a multiple of 32 values."""
 
 
 # Reading eval and bench documents.
@@ -38,16 +43,20 @@ def read_results_document(path: Path, kind: DocumentKind, checkpoint: Path, conf
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BadInputError(f"{flag}: file not found; pass the file written by `balcony {kind} --json`") from None
+        raise BadInputError(
+            f"{flag}: file not found; pass the file written by `balcony {kind} --json`"
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadInputError(f"{flag}: invalid JSON ({error}); pass the file written by `balcony {kind} --json`") from error
+        raise BadInputError(
+            f"{flag}: invalid JSON ({error}); pass the file written by `balcony {kind} --json`"
+        ) from error
 
     if not isinstance(document, dict) or not isinstance(document.get("schema_version"), int):
         raise BadInputError(f"{flag}: no schema_version; pass the file written by `balcony {kind} --json`")
     if document["schema_version"] > SCHEMA_VERSION:
         raise BadInputError(
-            f"{flag}: written by a newer Balcony (schema version {document['schema_version']}, this one reads "
-            f"{SCHEMA_VERSION}); upgrade Balcony"
+            f"{flag}: written by a newer Balcony (schema version {document['schema_version']}, this one "
+            f"reads {SCHEMA_VERSION}); upgrade Balcony"
         )
     rows = document.get("rows")
     looks_like = "bench" if "hardware" in document else "eval"
@@ -66,20 +75,22 @@ def _check_same_checkpoint(flag: str, document: dict, checkpoint: Path, config: 
     if document.get("base_fingerprint") != config["base_fingerprint"]:
         raise BadInputError(
             f"{flag}: measured on base fingerprint {document.get('base_fingerprint')}, but checkpoint "
-            f"{str(checkpoint)!r} has base fingerprint {config['base_fingerprint']}; pass results of this checkpoint"
+            f"{str(checkpoint)!r} has base fingerprint {config['base_fingerprint']}; pass results of this "
+            "checkpoint"
         )
     if list(measured.get("exits") or []) != list(config["exits"]):
         raise BadInputError(
-            f"{flag}: measured on exits {_join(measured.get('exits'))}, but checkpoint {str(checkpoint)!r} has "
-            f"exits {_join(config['exits'])}; pass results of this checkpoint"
+            f"{flag}: measured on exits {_join(measured.get('exits'))}, but checkpoint {str(checkpoint)!r} "
+            f"has exits {_join(config['exits'])}; pass results of this checkpoint"
         )
     recorded = measured.get("fingerprint")
     if recorded is not None:
         actual = checkpoint_fingerprint(checkpoint)
         if str(recorded).removeprefix("sha256:") != actual:
             raise BadInputError(
-                f"{flag}: measured on Balcony weights with SHA-256 {recorded}, but {str(checkpoint)!r} now has "
-                f"balcony.safetensors with SHA-256 {actual} (trained further since?); rerun the measurement"
+                f"{flag}: measured on Balcony weights with SHA-256 {recorded}, but {str(checkpoint)!r} now "
+                f"has balcony.safetensors with SHA-256 {actual} (trained further since?); rerun the "
+                "measurement"
             )
 
 
@@ -144,13 +155,18 @@ def evaluation_section(document: dict, exit: int) -> list[str]:
     with_perplexity = any(row.get("perplexity") for row in rows)
 
     header = ["row", "layers", "relative compute"]
-    header += [f"{task} {metric}" + (f" (n={samples})" if samples else "") for task, (metric, samples) in tasks.items()]
+    header += [
+        f"{task} {metric}" + (f" (n={samples})" if samples else "")
+        for task, (metric, samples) in tasks.items()
+    ]
     header += ["average"] + (["perplexity"] if with_perplexity else [])
     lines = [
         "## Evaluation",
         "",
-        (f"From `balcony eval --json` (Balcony {document.get('balcony_version', '?')}) on this checkpoint. "
-        "Each task shows its primary metric and its standard error."),
+        (
+            f"From `balcony eval --json` (Balcony {document.get('balcony_version', '?')}) on this "
+            "checkpoint. Each task shows its primary metric and its standard error."
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -170,9 +186,11 @@ def evaluation_section(document: dict, exit: int) -> list[str]:
         lines += [f"This evaluation has no row for exit {exit}.", ""]
     if (document.get("settings") or {}).get("data_dir"):
         lines += [
-            ("Tasks were read from local files, in which HellaSwag lost its `ctx_a`/`ctx_b` split and a few ARC "
-            "items repeat a choice; scores are close to, but not exactly comparable with, published "
-            "lm-evaluation-harness numbers."),
+            (
+                "Tasks were read from local files, in which HellaSwag lost its `ctx_a`/`ctx_b` split and a "
+                "few ARC items repeat a choice; scores are close to, but not exactly comparable with, "
+                "published lm-evaluation-harness numbers."
+            ),
             "",
         ]
     return lines
@@ -183,22 +201,30 @@ def benchmark_section(document: dict, exit: int) -> list[str]:
     hardware = document.get("hardware") or {}
     rows = document["rows"]
     batch = _decode_batch(rows)
+    device = hardware.get("device_name") or hardware.get("device", "?")
     lines = [
         "## Speed",
         "",
-        (f"From `balcony bench --json` (Balcony {document.get('balcony_version', '?')}) on "
-        f"{hardware.get('device_name') or hardware.get('device', '?')} ({hardware.get('threads', '?')} threads), "
-        f"{document.get('dtype', '?')}. Decode tokens/s is the median over repeats at batch size {batch}; "
-        "speedup is against the full model's decode rate."),
+        (
+            f"From `balcony bench --json` (Balcony {document.get('balcony_version', '?')}) on {device} "
+            f"({hardware.get('threads', '?')} threads), {document.get('dtype', '?')}. Decode tokens/s is the "
+            f"median over repeats at batch size {batch}; speedup is against the full model's decode rate."
+        ),
         "",
-        ("| row | layers | relative compute | ideal speedup | decode tokens/s | speedup | achieved / ideal "
-        "| time to first token | peak memory | KV cache per token |"),
+        (
+            "| row | layers | relative compute | ideal speedup | decode tokens/s | speedup "
+            "| achieved / ideal | time to first token | peak memory | KV cache per token |"
+        ),
         "|" + "---|" * 10,
     ]
     for row in rows:
         decode = (row.get("decode") or {}).get(batch) or {}
         speedup = row.get("speedup")
-        achieved = speedup.get("achieved_over_ideal") if isinstance(speedup, dict) else row.get("achieved_over_ideal")
+        achieved = (
+            speedup.get("achieved_over_ideal")
+            if isinstance(speedup, dict)
+            else row.get("achieved_over_ideal")
+        )
         cells = [
             _row_label(row, exit),
             str(row.get("layers", "-")),
@@ -229,19 +255,23 @@ def _decode_batch(rows: list[dict]) -> str:
 # The card.
 
 
-def model_card(config: dict, facts: CardFacts, evaluation: dict | None = None, benchmark: dict | None = None) -> str:
+def model_card(
+    config: dict, facts: CardFacts, evaluation: dict | None = None, benchmark: dict | None = None
+) -> str:
     """Write the README.md of an exported exit: base, exit, size against the full model, training, results."""
     base = config["base_model"]
     status = "" if facts.trained else " (untrained)"
     lines = [
         f"# {base['spec']}: Balcony exit {facts.exit}{status}",
         "",
-        (f"This is exit {facts.exit} of `{base['spec']}` ({base['model_type']}, {base['num_layers']} layers), "
-         f"exported by Balcony as a plain model of the base's own architecture. It runs layers 1..{facts.exit} of "
-         "the base, then its Balcony layer, then its own final norm and the base's LM head."),
+        (
+            f"This is exit {facts.exit} of `{base['spec']}` ({base['model_type']}, {base['num_layers']} "
+            "layers), exported by Balcony as a plain model of the base's own architecture. It runs layers "
+            f"1..{facts.exit} of the base, then its Balcony layer, then its own final norm and the base's LM "
+            "head."
+        ),
         "",
-        "It loads with `AutoModelForCausalLM.from_pretrained` and needs no custom code.",
-        "",
+        *_loading_lines(facts),
         "| | this exit | full model |",
         "|---|---|---|",
         f"| decoder layers | {facts.num_layers} | {base['num_layers']} |",
@@ -263,7 +293,10 @@ def _training_lines(config: dict, trained: bool) -> list[str]:
         return [
             "## Training",
             "",
-            f"**Untrained.** The Balcony layer is still at its initialisation ({config['init']}); expect poor output.",
+            (
+                f"**Untrained.** The Balcony layer is still at its initialisation ({config['init']}); "
+                "expect poor output."
+            ),
             "",
         ]
     training = config.get("training") or {}
@@ -278,7 +311,41 @@ def _training_lines(config: dict, trained: bool) -> list[str]:
         f"- training tokens: {training.get('train_tokens')}",
         f"- data: {training.get('data')}",
         f"- exits trained together: {', '.join(map(str, config['exits']))}",
-        (f"- learning rate: {recipe.get('lr')}, sequence length: {recipe.get('seq_len')}, "
-         f"initialisation: {config['init']}"),
+        (
+            f"- learning rate: {recipe.get('lr')}, sequence length: {recipe.get('seq_len')}, "
+            f"initialisation: {config['init']}"
+        ),
         "",
     ]
+
+
+def _loading_lines(facts: CardFacts) -> list[str]:
+    if facts.format != "gguf":
+        return ["It loads with `AutoModelForCausalLM.from_pretrained` and needs no custom code.", ""]
+    weights = {
+        "f32": "all tensors in F32",
+        "f16": "matrices in F16; norms, biases and position embeddings in F32",
+        "q8_0": "matrices in Q8_0; norms, biases and position embeddings in F32",
+    }[facts.gguf_type or "f16"]
+    lines = [
+        (
+            f"`{facts.gguf_file}` is a GGUF file with llama.cpp's tensor names and metadata keys "
+            f"({weights}). It loads with transformers' GGUF reader:"
+        ),
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", gguf_file="{facts.gguf_file}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder", gguf_file="{facts.gguf_file}")',
+        "```",
+        "",
+    ]
+    if facts.fallback_tensors:
+        lines += [
+            (
+                f"{facts.fallback_tensors} matrices have rows that are not a multiple of 32 values, which "
+                "Q8_0 needs, and are stored in F16."
+            ),
+            "",
+        ]
+    return lines
