@@ -9,10 +9,12 @@ gguf` writes the same model as one GGUF file (see gguf_export).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from balcony_cli.checkpoint import (
+    _default_file_mode,
     atomic_directory,
     base_source,
     check_output_dir,
@@ -112,6 +114,9 @@ def _export_one(
     else:
         view.save_pretrained(directory)
         load_tokenizer(source).save_pretrained(directory)
+        # transformers 5.25 writes model.safetensors with mode 0600; give it the umask mode of the rest.
+        for path in directory.glob("model*.safetensors"):
+            os.chmod(path, _default_file_mode())
         exported.weights_bytes = sum(path.stat().st_size for path in directory.glob("model*.safetensors"))
     (directory / "README.md").write_text(model_card(config, facts, evaluation, benchmark))
     return exported
