@@ -394,7 +394,18 @@ def export(
     checkpoint: Path = typer.Option(DEFAULT_OUTPUT, "--checkpoint", "-c", help="Balcony checkpoint directory."),
     exit: str = typer.Option(..., "--exit", help="Exit to export (a layer index), or 'all' for one subfolder each."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the exported model to."),
-    format: str = typer.Option("hf", "--format", help="Output format: hf (a Hugging Face model directory)."),
+    format: str = typer.Option(
+        "hf", "--format", help="Output format: hf (a Hugging Face model directory) or gguf (one GGUF file)."
+    ),
+    gguf_type: Optional[str] = typer.Option(
+        None, "--gguf-type", help="With --format gguf: tensor type f32, f16 or q8_0. Default f16."
+    ),
+    eval_json: Optional[Path] = typer.Option(
+        None, "--eval-json", help="Add the table of this `balcony eval --json` document to the model card."
+    ),
+    bench_json: Optional[Path] = typer.Option(
+        None, "--bench-json", help="Add the table of this `balcony bench --json` document to the model card."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     allow_base_mismatch: bool = typer.Option(
         False, "--allow-base-mismatch", help="Load the checkpoint even if the base weights differ from training."
@@ -414,24 +425,32 @@ def export(
     if json_path and json_path != "-" and Path(json_path).exists() and not overwrite:
         raise BadInputError(f"--json {json_path!r}: the file exists; pass --overwrite or choose another path")
     results = export_exits(checkpoint, exit_value, output, format=format, overwrite=overwrite,
-                           allow_base_mismatch=allow_base_mismatch)
+                           allow_base_mismatch=allow_base_mismatch, gguf_type=gguf_type, eval_json=eval_json,
+                           bench_json=bench_json)
     rows = [
-        {"exit": r.exit, "directory": str(r.directory), "num_layers": r.num_layers, "parameters": r.parameters,
-         "full_parameters": r.full_parameters, "trained": r.trained}
+        {"exit": r.exit, "directory": str(r.directory), "format": r.format, "gguf_file": r.gguf_file,
+         "gguf_type": r.gguf_type, "weights_bytes": r.weights_bytes, "num_layers": r.num_layers,
+         "parameters": r.parameters, "full_parameters": r.full_parameters, "trained": r.trained}
         for r in results
     ]
     if json_path:
-        settings = {"checkpoint": str(checkpoint), "exit": exit_value, "output": str(output), "format": format}
+        settings = {"checkpoint": str(checkpoint), "exit": exit_value, "output": str(output), "format": format,
+                    "gguf_type": results[0].gguf_type if results else gguf_type,
+                    "eval_json": str(eval_json) if eval_json else None,
+                    "bench_json": str(bench_json) if bench_json else None}
         fingerprint = read_balcony_config(checkpoint)["base_fingerprint"]
         _write_json(json_path, _json_document(settings, fingerprint, exports=rows), overwrite)
     if json_path == "-":
         return
     table = Table(title=f"Exported from {checkpoint}")
-    for column in ("exit", "directory", "layers", "parameters", "of full model"):
+    for column in ("exit", "directory", "format", "layers", "parameters", "of full model", "weights size"):
         table.add_column(column)
     for row in rows:
-        table.add_row(str(row["exit"]), row["directory"], str(row["num_layers"]), f"{row['parameters']:,}",
-                      f"{row['parameters'] / row['full_parameters']:.0%}")
+        kind = f"gguf {row['gguf_type']}" if row["format"] == "gguf" else row["format"]
+        share = f"{row['parameters'] / row['full_parameters']:.0%}"
+        size = f"{row['weights_bytes'] / 2**20:,.1f} MiB"
+        table.add_row(str(row["exit"]), row["directory"], kind, str(row["num_layers"]), f"{row['parameters']:,}",
+                      share, size)
     console.print(table)
 
 

@@ -1,17 +1,20 @@
-"""`balcony export`: write one exit as a plain Hugging Face model of the base's own architecture.
+"""`balcony export`: write one exit as a plain model of the base's own architecture.
 
 Exit k is already an instance of the base class with k + 1 layers (see BalconyModel.exit_model), so
-transformers' save_pretrained writes it as is: layer indices 0..k, a config with
-num_hidden_layers = k + 1 and per-layer lists cut to match, tied embeddings kept tied.
+transformers' save_pretrained writes it as is (`--format hf`): layer indices 0..k, a config with
+num_hidden_layers = k + 1 and per-layer lists cut to match, tied embeddings kept tied. `--format
+gguf` writes the same model as one GGUF file (see gguf_export).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from balcony_cli.checkpoint import (
+    _default_file_mode,
     atomic_directory,
     base_source,
     check_output_dir,
@@ -21,10 +24,11 @@ from balcony_cli.checkpoint import (
 from balcony_cli.errors import BadInputError
 from balcony_cli.loading import ModelSource, load_tokenizer
 from balcony_cli.model import BalconyModel
+from balcony_cli.model_card import CardFacts, model_card, read_results_document
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf")
 
 
 @dataclass
@@ -35,6 +39,12 @@ class ExportedExit:
     parameters: int
     full_parameters: int
     trained: bool
+    format: str = "hf"
+    gguf_file: str | None = None
+    """File name of the GGUF model inside `directory` (format gguf)."""
+    gguf_type: str | None = None
+    weights_bytes: int = 0
+    """Size of the weight files: model*.safetensors for hf, the .gguf file for gguf."""
 
 
 def _parameter_count(model) -> int:
@@ -47,50 +57,23 @@ def _parameter_count(model) -> int:
     return total
 
 
-def model_card(config: dict, exported: ExportedExit) -> str:
-    """Write the README.md of an exported exit: base, exit, size against the full model, training."""
-    base = config["base_model"]
-    training = config.get("training") or {}
-    recipe = training.get("recipe") or {}
-    lines = [
-        f"# {base['spec']}: Balcony exit {exported.exit}",
-        "",
-        f"This is exit {exported.exit} of `{base['spec']}` ({base['model_type']}, {base['num_layers']} layers), "
-        "exported by Balcony as a plain Hugging Face model of the base's own architecture. It runs layers "
-        f"1..{exported.exit} of the base, then a trained Balcony layer, then its own final norm and the "
-        "base's LM head. It loads with `AutoModelForCausalLM.from_pretrained` and needs no custom code.",
-        "",
-        "| | this exit | full model |",
-        "|---|---|---|",
-        f"| decoder layers | {exported.num_layers} | {base['num_layers']} |",
-        f"| parameters | {exported.parameters:,} | {exported.full_parameters:,} |",
-        "",
-        "## Training",
-        "",
-    ]
-    if exported.trained:
-        lines += [
-            "The Balcony layer was trained by self-distillation: forward KL(full model ‖ exit) per token,",
-            "with the base model frozen.",
-            "",
-            f"- steps: {training.get('steps')}",
-            f"- training tokens: {training.get('train_tokens')}",
-            f"- data: {training.get('data')}",
-            f"- exits trained together: {', '.join(map(str, config['exits']))}",
-            f"- learning rate: {recipe.get('lr')}, sequence length: {recipe.get('seq_len')}, "
-            f"initialisation: {config['init']}",
-        ]
-    else:
-        lines += ["**Untrained.** The Balcony layer is still at its initialisation "
-                  f"({config['init']}); expect poor output."]
-    lines += ["", f"Base weight fingerprint: `{config['base_fingerprint']}`", ""]
-    return "\n".join(lines)
+def gguf_file_name(k: int | None, gguf_type: str) -> str:
+    """Name the GGUF file of exit k (None: the full model)."""
+    return f"{'full' if k is None else f'exit-{k}'}-{gguf_type}.gguf"
 
 
-def _export_one(model: BalconyModel, config: dict, source: ModelSource, k: int, directory: Path) -> ExportedExit:
+def _export_one(
+    model: BalconyModel,
+    config: dict,
+    source: ModelSource,
+    k: int,
+    directory: Path,
+    format: str,
+    gguf_type: str | None,
+    evaluation: dict | None,
+    benchmark: dict | None,
+) -> ExportedExit:
     view = model.exit_model(k)
-    view.save_pretrained(directory)
-    load_tokenizer(source).save_pretrained(directory)
     exported = ExportedExit(
         exit=k,
         directory=directory,
@@ -98,8 +81,44 @@ def _export_one(model: BalconyModel, config: dict, source: ModelSource, k: int, 
         parameters=_parameter_count(view),
         full_parameters=_parameter_count(model.base),
         trained=bool(config.get("trained")),
+        format=format,
     )
-    (directory / "README.md").write_text(model_card(config, exported))
+    facts = CardFacts(
+        exit=k,
+        num_layers=exported.num_layers,
+        parameters=exported.parameters,
+        full_parameters=exported.full_parameters,
+        trained=exported.trained,
+        format=format,
+    )
+    if format == "gguf":
+        from balcony_cli.gguf_export import write_gguf
+
+        name = gguf_file_name(k, gguf_type)
+        written = write_gguf(
+            view,
+            source,
+            directory / name,
+            gguf_type=gguf_type,
+            name=f"{config['base_model']['spec']} Balcony exit {k}",
+            extra_metadata={
+                "exit": k,
+                "trained": exported.trained,
+                "base_fingerprint": config["base_fingerprint"],
+            },
+        )
+        exported.gguf_file = facts.gguf_file = name
+        exported.gguf_type = facts.gguf_type = gguf_type
+        exported.weights_bytes = written.path.stat().st_size
+        facts.fallback_tensors = len(written.fallback_tensors)
+    else:
+        view.save_pretrained(directory)
+        load_tokenizer(source).save_pretrained(directory)
+        # transformers 5.25 writes model.safetensors with mode 0600; give it the umask mode of the rest.
+        for path in directory.glob("model*.safetensors"):
+            os.chmod(path, _default_file_mode())
+        exported.weights_bytes = sum(path.stat().st_size for path in directory.glob("model*.safetensors"))
+    (directory / "README.md").write_text(model_card(config, facts, evaluation, benchmark))
     return exported
 
 
@@ -110,13 +129,28 @@ def export(
     format: str = "hf",
     overwrite: bool = False,
     allow_base_mismatch: bool = False,
+    gguf_type: str | None = None,
+    eval_json: Path | None = None,
+    bench_json: Path | None = None,
 ) -> list[ExportedExit]:
     """Export exit `exit` (or every exit, for "all") of a checkpoint into `output`.
 
     With "all", each exit goes into its own subfolder `exit-K`. The output appears atomically.
+    `eval_json` and `bench_json` add the tables of `balcony eval --json` and `balcony bench --json`
+    documents of the same checkpoint to the model card.
     """
+    from balcony_cli.gguf_export import DEFAULT_GGUF_TYPE, GGUF_TYPES, gguf_architecture
+
     if format not in FORMATS:
         raise BadInputError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    if gguf_type is not None and format != "gguf":
+        raise BadInputError(
+            f"--gguf-type {gguf_type}: applies only to --format gguf; add --format gguf or drop --gguf-type"
+        )
+    if format == "gguf":
+        gguf_type = gguf_type or DEFAULT_GGUF_TYPE
+        if gguf_type not in GGUF_TYPES:
+            raise BadInputError(f"--gguf-type {gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
     check_output_dir(output, overwrite=overwrite)
     config = read_balcony_config(checkpoint)
     exits = list(config["exits"]) if exit == "all" else [int(exit)]
@@ -126,6 +160,10 @@ def export(
                 f"--exit {k}: checkpoint {str(checkpoint)!r} has exits {','.join(map(str, config['exits']))}; "
                 "pick one of them or 'all'"
             )
+    if format == "gguf":
+        gguf_architecture(config["base_model"]["model_type"])
+    evaluation = read_results_document(eval_json, "eval", checkpoint, config) if eval_json else None
+    benchmark = read_results_document(bench_json, "bench", checkpoint, config) if bench_json else None
     if not config.get("trained"):
         logger.warning("checkpoint %s is untrained; the model card marks the export as untrained", checkpoint)
 
@@ -136,7 +174,9 @@ def export(
         for k in exits:
             target = directory / f"exit-{k}" if exit == "all" else directory
             target.mkdir(parents=True, exist_ok=True)
-            results.append(_export_one(model, config, source, k, target))
+            results.append(
+                _export_one(model, config, source, k, target, format, gguf_type, evaluation, benchmark)
+            )
     # Point the results at the final location, not the temporary directory they were written to.
     for result in results:
         result.directory = output / f"exit-{result.exit}" if exit == "all" else output

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -61,6 +63,9 @@ def test_export_keeps_tied_embeddings(tmp_path):
     assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md"):
         assert (output / name).is_file(), name
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((output / "model.safetensors").stat().st_mode) == 0o666 & ~umask
 
 
 def test_export_loads_without_balcony(tmp_path):
