@@ -249,23 +249,6 @@ def read_balcony_config(directory: Path) -> dict:
     return document
 
 
-def checkpoint_fingerprint(directory: Path) -> str:
-    """Return the hex SHA-256 of a checkpoint's balcony.safetensors.
-
-    Unlike the sampled base fingerprint, this hashes every byte: it identifies one state of the trained
-    Balcony weights, so that results measured on that state can be matched to it later.
-    """
-    path = Path(directory) / WEIGHTS_NAME
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: missing; the checkpoint is incomplete") from None
-    return digest.hexdigest()
-
-
 def load_balcony_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))

@@ -86,7 +86,7 @@ def _check_same_checkpoint(flag: str, document: dict, checkpoint: Path, config: 
     recorded = measured.get("fingerprint")
     if recorded is not None:
         actual = checkpoint_fingerprint(checkpoint)
-        if str(recorded).removeprefix("sha256:") != actual:
+        if "sha256:" + str(recorded).removeprefix("sha256:") != actual:
             raise BadInputError(
                 f"{flag}: measured on Balcony weights with SHA-256 {recorded}, but {str(checkpoint)!r} now "
                 f"has balcony.safetensors with SHA-256 {actual} (trained further since?); rerun the "

@@ -168,7 +168,7 @@ def write_json(path, document) -> str:
 
 def test_checkpoint_fingerprint_hashes_weights(tmp_path):
     checkpoint = trained_checkpoint(tmp_path, "llama")
-    expected = hashlib.sha256((checkpoint / WEIGHTS_NAME).read_bytes()).hexdigest()
+    expected = "sha256:" + hashlib.sha256((checkpoint / WEIGHTS_NAME).read_bytes()).hexdigest()
     assert checkpoint_fingerprint(checkpoint) == expected
     (checkpoint / WEIGHTS_NAME).unlink()
     with pytest.raises(BadInputError, match="missing"):
