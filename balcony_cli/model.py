@@ -154,7 +154,7 @@ class BalconyModel(nn.Module):
         layout = self.layout
         config = layout.truncated_config(self.base.config, k + 1)
         body = layout.body(self.base)
-        body_view = _shallow_module_copy(body)
+        body_view = shallow_module_copy(body)
         setattr(
             body_view,
             layout.layers_attr,
@@ -162,7 +162,7 @@ class BalconyModel(nn.Module):
         )
         setattr(body_view, layout.final_norm_attr, self.exit_norms[str(k)])
         body_view.config = config
-        view = _shallow_module_copy(self.base)
+        view = shallow_module_copy(self.base)
         setattr(view, layout.body_attr, body_view)
         view.config = config
         return view
@@ -248,7 +248,7 @@ class BalconyModel(nn.Module):
         )
 
 
-def _shallow_module_copy(module: nn.Module) -> nn.Module:
+def shallow_module_copy(module: nn.Module) -> nn.Module:
     """Copy a module object without copying its parameters or submodules.
 
     The copy gets its own submodule table, so replacing a submodule on it leaves the original intact.
