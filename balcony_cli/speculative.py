@@ -229,7 +229,9 @@ class SelfSpeculativeDecoder:
             prompt_hidden: list[torch.Tensor] = []
             with timer("prefill"), _capture_inputs(base_layers[k], prompt_hidden):
                 hidden = self.base_body(
-                    input_ids=input_ids, position_ids=_positions(0, prompt_length, device), cache=full_cache,
+                    input_ids=input_ids,
+                    position_ids=_positions(0, prompt_length, device),
+                    cache=full_cache,
                     use_cache=True,
                 ).last_hidden_state
                 first_logits = self.head(hidden[:, -1])  # (1, vocab)
@@ -258,8 +260,10 @@ class SelfSpeculativeDecoder:
                     token = pending
                     for i in range(budget):
                         hidden = self.draft_body(
-                            input_ids=_token(token, device), position_ids=_positions(cached + i, 1, device),
-                            cache=draft_cache, use_cache=True,
+                            input_ids=_token(token, device),
+                            position_ids=_positions(cached + i, 1, device),
+                            cache=draft_cache,
+                            use_cache=True,
                         ).last_hidden_state
                         token, probs = choose.draft(self.head(hidden[:, -1]))
                         drafts.append(token)
@@ -274,14 +278,18 @@ class SelfSpeculativeDecoder:
                     # The last token of the round has not run through layers 1..k: the draft proposed it
                     # but never fed it back in.
                     last = self.trunk_body(
-                        input_ids=round_tensor[:, -1:], position_ids=_positions(cached + len(drafts), 1, device),
-                        cache=draft_cache, use_cache=True,
+                        input_ids=round_tensor[:, -1:],
+                        position_ids=_positions(cached + len(drafts), 1, device),
+                        cache=draft_cache,
+                        use_cache=True,
                     ).last_hidden_state
                     layer_k_output = torch.cat([*saved, last], dim=1)  # (1, drafts + 1, hidden)
                     self.replay.hidden_states = layer_k_output
                     hidden = self.verifier_body(
-                        input_ids=round_tensor, position_ids=_positions(cached, len(round_ids), device),
-                        cache=verifier_cache, use_cache=True,
+                        input_ids=round_tensor,
+                        position_ids=_positions(cached, len(round_ids), device),
+                        cache=verifier_cache,
+                        use_cache=True,
                     ).last_hidden_state
                     self.replay.hidden_states = None
                     target_logits = self.head(hidden[0])  # (drafts + 1, vocab)
@@ -326,13 +334,17 @@ class SelfSpeculativeDecoder:
             seconds=timer.totals(),
         )
 
-    def _fill_balcony(self, layer_k_output: torch.Tensor, input_ids: torch.Tensor, start: int, cache: Cache) -> None:
+    def _fill_balcony(
+        self, layer_k_output: torch.Tensor, input_ids: torch.Tensor, start: int, cache: Cache
+    ) -> None:
         """Run only Balcony layer k on saved layer-k outputs, to add their entries to its cache."""
         self.replay.hidden_states = layer_k_output
         try:
             self.balcony_body(
-                input_ids=input_ids, position_ids=_positions(start, input_ids.shape[1], input_ids.device),
-                cache=cache, use_cache=True,
+                input_ids=input_ids,
+                position_ids=_positions(start, input_ids.shape[1], input_ids.device),
+                cache=cache,
+                use_cache=True,
             )
         finally:
             self.replay.hidden_states = None
@@ -353,12 +365,20 @@ def speculative_generate(
     """Generate with the full model, drafting `draft_tokens` tokens per round with exit `draft_exit`."""
     decoder = SelfSpeculativeDecoder(model, draft_exit)
     return decoder.generate(
-        input_ids, max_new_tokens=max_new_tokens, draft_tokens=draft_tokens, eos_token_ids=eos_token_ids,
-        temperature=temperature, top_p=top_p, generator=generator, on_tokens=on_tokens,
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        draft_tokens=draft_tokens,
+        eos_token_ids=eos_token_ids,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+        on_tokens=on_tokens,
     )
 
 
-def _check_decoding_settings(max_new_tokens: int, draft_tokens: int, temperature: float, top_p: float) -> None:
+def _check_decoding_settings(
+    max_new_tokens: int, draft_tokens: int, temperature: float, top_p: float
+) -> None:
     if draft_tokens < 1:
         raise BadInputError(f"--draft-tokens {draft_tokens}: expected at least 1 token drafted per round")
     if max_new_tokens < 1:
@@ -486,7 +506,10 @@ class _TokenChooser:
 
 
 def accept_or_resample(
-    token: int, draft_probs: torch.Tensor, target_probs: torch.Tensor, generator: torch.Generator | None = None
+    token: int,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None = None,
 ) -> tuple[bool, int | None]:
     """Apply the speculative-sampling test to one draft token drawn from `draft_probs`.
 

@@ -44,7 +44,10 @@ def plain_greedy(model: BalconyModel, prompt: torch.Tensor, max_new_tokens: int,
     model.base.generation_config.eos_token_id = eos
     try:
         return model.generate(
-            prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
             attention_mask=torch.ones_like(prompt),
         )
     finally:
@@ -58,7 +61,7 @@ def exit_greedy(model: BalconyModel, prefix: list[int], k: int, count: int) -> l
     for _ in range(count):
         logits = model(torch.tensor([sequence]), exit=k, use_cache=False).logits
         sequence.append(int(logits[0, -1].argmax()))
-    return sequence[len(prefix):]
+    return sequence[len(prefix) :]
 
 
 @torch.no_grad()
@@ -67,7 +70,9 @@ def test_greedy_equals_plain_greedy(model_type):
     for seed, noise in ((0, 0.0), (1, 0.05)):
         model = draft_model(model_type, noise, seed=seed)
         for prompt_length in (1, 6, 17):
-            prompt = torch.randint(0, VOCAB, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
+            prompt = torch.randint(
+                0, VOCAB, (1, prompt_length), generator=torch.Generator().manual_seed(seed)
+            )
             expected = plain_greedy(model, prompt, 16).tolist()
             for k in (1, 3):
                 for draft_tokens in (1, 3, 8):
@@ -109,7 +114,9 @@ def test_eos_inside_draft_stops_like_plain(model_type):
         if eos in free_run[:position]:
             continue
         expected = plain_greedy(model, prompt, 12, eos=eos).tolist()
-        output = speculative_generate(model, prompt, k, draft_tokens=4, max_new_tokens=12, eos_token_ids=[eos])
+        output = speculative_generate(
+            model, prompt, k, draft_tokens=4, max_new_tokens=12, eos_token_ids=[eos]
+        )
         assert output.sequences.tolist() == expected
         assert output.sequences[0, -1].item() == eos
         assert output.finish_reason == "eos"
@@ -176,7 +183,13 @@ def test_sampling_is_seeded_and_bounded():
 
     def sample(seed):
         return speculative_generate(
-            model, prompt, 2, draft_tokens=3, max_new_tokens=15, temperature=0.9, top_p=0.95,
+            model,
+            prompt,
+            2,
+            draft_tokens=3,
+            max_new_tokens=15,
+            temperature=0.9,
+            top_p=0.95,
             generator=torch.Generator().manual_seed(seed),
         )
 
@@ -197,8 +210,15 @@ def test_rejects_batch_sliding_window_and_unknown_exit():
 
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    config = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+    )
     sliding = BalconyModel(AutoModelForCausalLM.from_config(config).eval(), EXITS)
     with pytest.raises(BadInputError, match="sliding-window"):
         speculative_generate(sliding, torch.zeros(1, 3, dtype=torch.long), 1, 2, 4)
