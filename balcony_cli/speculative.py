@@ -7,9 +7,16 @@ k + 1, from the layer-k hidden state the draft saved. Only the Balcony layer's c
 draft alone.
 
 Batch size 1. Greedy decoding is lossless token for token: every token kept is the full model's
-argmax. With a temperature, drafts go through the speculative-sampling test (the rule transformers'
-`_speculative_sampling` implements), which keeps the full model's sampling distribution but draws
-random numbers differently from plain sampling, so a seed gives other text than without drafts.
+argmax. NOTE: that holds up to float rounding. The verifier runs layers k+1..L on several tokens in
+one matrix product, whose rounding differs in the last bit from one-token steps, so a tie between
+the top two logits within about one ulp can go the other way. In benchmarks/speculative.py on
+SmolLM2-135M (fp32, CPU, 8 prompts x 128 tokens, four draft settings) this happened at one position
+of one prompt in one setting, at a tie that plain decoding also breaks differently with 1 and with
+2 CPU threads.
+
+With a temperature, drafts go through the speculative-sampling test (the rule transformers'
+`_speculative_sampling` implements). It keeps the full model's sampling distribution but draws random
+numbers differently from plain sampling, so a seed gives other text than without drafts.
 """
 
 from __future__ import annotations
