@@ -174,7 +174,7 @@ class SelfSpeculativeDecoder:
         self.verifier_body = _body_view(
             model, base, [self.replay, *padding, *base_layers[k:]], layout.final_norm(base), base.config
         )
-        # The exit norm's output is never used here: the Balcony layer runs only to fill its cache.
+        # No exit norm: the Balcony layer runs here only to fill its cache, and its output is unused.
         self.balcony_body = _body_view(
             model, draft_model, [self.replay, *padding, self.balcony_layer], nn.Identity(), draft_model.config
         )
