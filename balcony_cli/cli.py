@@ -835,6 +835,94 @@ def plot_kl_command(
     exit_list = _int_list("--exits", exits) if exits else None
     drawn = plot_validation_kl(labelled, output, exits=exit_list, title=title)
     console.print(f"Wrote {output}: validation KL of {len(labelled)} runs at exits {', '.join(map(str, drawn))}.")
+@app.command()
+@_handle_errors
+def generate(
+    prompt: str = typer.Argument(..., help="The text to continue."),
+    checkpoint: Path = typer.Option(DEFAULT_OUTPUT, "--checkpoint", "-c", help="Balcony checkpoint directory."),
+    exit: Optional[int] = typer.Option(
+        None, "--exit", help="Exit (layer index) to generate with. Default: the full model."
+    ),
+    budget: Optional[float] = typer.Option(
+        None, "--budget",
+        help="Fraction of the full model's compute per token, in (0, 1]: use the deepest exit that fits.",
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Maximum number of tokens to generate."),
+    temperature: float = typer.Option(
+        0.0, "--temperature", help="Sampling temperature; 0 means greedy decoding."
+    ),
+    top_p: float = typer.Option(
+        1.0, "--top-p", help="Nucleus sampling probability mass, in (0, 1]. Needs --temperature above 0."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
+    chat_template: bool = typer.Option(
+        False, "--chat-template/--no-chat-template",
+        help="Wrap the prompt as a user message in the tokenizer's chat template.",
+    ),
+    speculative: bool = typer.Option(
+        False, "--speculative",
+        help="Draft tokens with --draft-exit and verify them with the full model: the full model's output.",
+    ),
+    draft_exit: Optional[int] = typer.Option(
+        None, "--draft-exit", help="With --speculative: the exit that drafts."
+    ),
+    draft_tokens: Optional[int] = typer.Option(
+        None, "--draft-tokens", help="With --speculative: tokens drafted per round. Default 4."
+    ),
+    allow_base_mismatch: bool = typer.Option(
+        False, "--allow-base-mismatch",
+        help="Load the checkpoint even if the base weights differ from training.",
+    ),
+    json_path: Optional[str] = typer.Option(
+        None, "--json", help="Write the text and figures as JSON ('-': stdout)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
+) -> None:
+    """Generate text at an exit, at a compute budget, or self-speculatively with the full model's output."""
+    from balcony_cli.generate import GenerationSettings
+    from balcony_cli.generate import generate as generate_from_checkpoint
+
+    settings = GenerationSettings(
+        exit=exit, budget=budget, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        seed=seed, chat_template=chat_template, speculative=speculative, draft_exit=draft_exit,
+        draft_tokens=draft_tokens,
+    )
+    if json_path and json_path != "-" and Path(json_path).exists() and not overwrite:
+        raise BadInputError(f"--json {json_path!r}: the file exists; pass --overwrite or choose another path")
+    streaming = json_path != "-"
+
+    def write_text(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result, config = generate_from_checkpoint(
+        checkpoint, prompt, settings, allow_base_mismatch=allow_base_mismatch,
+        on_text=write_text if streaming else None,
+    )
+    if streaming:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if json_path:
+        document_settings = {"checkpoint": str(checkpoint), **dataclasses.asdict(settings)}
+        fingerprint = config["base_fingerprint"]
+        document = _json_document(document_settings, fingerprint, prompt=prompt, **result.to_dict())
+        _write_json(json_path, document, overwrite)
+    # The statistics go to stderr, so that stdout carries only the generated text (or the JSON document).
+    row = "full model" if result.exit is None else f"exit {result.exit}"
+    summary = (
+        f"{row} ({result.layers} of {result.num_layers} layers): {result.new_tokens} new tokens in "
+        f"{result.seconds:.2f} s, {result.tokens_per_s:.1f} tokens/s, stopped at {result.finish_reason}"
+    )
+    if result.speculative is not None:
+        figures = result.speculative
+        rate = figures["acceptance_rate"]
+        summary += (
+            f"; self-speculative with exit {figures['draft_exit']} drafting {figures['draft_tokens']} "
+            "tokens per round: "
+            f"acceptance rate {'-' if rate is None else f'{rate:.0%}'} ({figures['accepted']} of "
+            f"{figures['drafted']} drafted), {figures['tokens_per_full_pass']:.2f} tokens per full-model pass"
+        )
+    error_console.print(summary, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

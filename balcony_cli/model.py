@@ -282,17 +282,17 @@ def build_view(base: nn.Module, layers: Sequence[nn.Module], final_norm: nn.Modu
     """
     layout = layout_for(base.config)
     config = layout.truncated_config(base.config, len(layers))
-    body_view = _shallow_module_copy(layout.body(base))
+    body_view = shallow_module_copy(layout.body(base))
     setattr(body_view, layout.layers_attr, nn.ModuleList(layers))
     setattr(body_view, layout.final_norm_attr, final_norm)
     body_view.config = config
-    view = _shallow_module_copy(base)
+    view = shallow_module_copy(base)
     setattr(view, layout.body_attr, body_view)
     view.config = config
     return view
 
 
-def _shallow_module_copy(module: nn.Module) -> nn.Module:
+def shallow_module_copy(module: nn.Module) -> nn.Module:
     """Copy a module object without copying its parameters or submodules.
 
     The copy gets its own submodule table, so replacing a submodule on it leaves the original intact.

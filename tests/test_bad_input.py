@@ -80,6 +80,10 @@ def export_argv(p: Paths, checkpoint: Path | None = None, *extra: str) -> list[s
     return ["export", "-c", str(checkpoint or p.checkpoint), "--exit", "2", "-o", str(p.output), *extra]
 
 
+def generate_argv(p: Paths, *extra: str, prompt: str = "Hello") -> list[str]:
+    return ["generate", prompt, "-c", str(p.checkpoint), "--max-new-tokens", "3", *extra]
+
+
 # (case id, argv builder, fragments the message must contain)
 CASES = [
     # insert
@@ -171,6 +175,23 @@ CASES = [
             {"rows": [], "checkpoint": {"path": "/elsewhere/ckpt", "fingerprint": "sha256:1"}}))),
         "--plot", str(p.tmp / "plot.png")), ["--eval-json", "/elsewhere/ckpt"]),
     ("bench-plot-without-eval-json", lambda p: bench_argv(p, "--plot", str(p.tmp / "plot.png")), ["--eval-json"]),
+    # generate
+    ("generate-budget-0", lambda p: generate_argv(p, "--budget", "0"), ["--budget 0.0", "(0, 1]"]),
+    ("generate-budget-above-1", lambda p: generate_argv(p, "--budget", "1.5"), ["--budget 1.5", "(0, 1]"]),
+    ("generate-budget-below-every-exit", lambda p: generate_argv(p, "--budget", "0.3"),
+     ["--budget 0.3", "cheapest is exit 1"]),
+    ("generate-exit-not-in-checkpoint", lambda p: generate_argv(p, "--exit", "3"), ["--exit 3", "1,2"]),
+    ("generate-draft-exit-not-in-checkpoint", lambda p: generate_argv(p, "--speculative", "--draft-exit", "3"),
+     ["--draft-exit 3", "1,2"]),
+    ("generate-draft-tokens-0", lambda p: generate_argv(p, "--speculative", "--draft-exit", "2", "--draft-tokens", "0"),
+     ["--draft-tokens 0"]),
+    ("generate-speculative-without-draft-exit", lambda p: generate_argv(p, "--speculative"), ["--draft-exit"]),
+    ("generate-empty-prompt", lambda p: generate_argv(p, prompt=""), ["PROMPT is empty"]),
+    ("generate-blank-prompt", lambda p: generate_argv(p, prompt="  \n "), ["PROMPT is empty"]),
+    ("generate-missing-checkpoint", lambda p: ["generate", "Hi", "-c", str(p.tmp / "nothing")],
+     ["not found", "--checkpoint"]),
+    ("generate-top-p-without-temperature", lambda p: generate_argv(p, "--top-p", "0.9"), ["--temperature"]),
+    ("generate-no-chat-template", lambda p: generate_argv(p, "--chat-template"), ["no chat template"]),
 ]
 
 
