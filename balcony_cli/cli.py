@@ -660,12 +660,31 @@ def bench_command(
     ),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write every figure as JSON ('-': stdout)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --json and --plot files."),
+    speculative: bool = typer.Option(
+        False, "--speculative", help="Compare plain, self-speculative and transformers' assistant_early_exit "
+        "greedy decoding on --prompts instead."
+    ),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="With --speculative: one prompt per line."),
+    draft_exits: Optional[str] = typer.Option(
+        None, "--draft-exits", help="With --speculative: exits that draft (comma list); default all."
+    ),
+    draft_tokens: str = typer.Option("1,4", "--draft-tokens", help="With --speculative: draft lengths to try."),
+    assistant_tokens: int = typer.Option(
+        4, "--assistant-tokens", help="With --speculative: num_assistant_tokens for assistant_early_exit."
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="With --speculative: tokens per prompt."),
 ) -> None:
     """Measure prefill, decode, time to first token and memory of the full model and every exit."""
     from balcony_cli.baselines import default_calibration_text
     from balcony_cli.bench import BenchRequest, bench, plot_tradeoff, read_eval_document
 
     _check_new_file("--json", json_path, overwrite)
+    if speculative:
+        _bench_speculative(checkpoint, prompts, draft_exits, draft_tokens, assistant_tokens, max_new_tokens,
+                           threads, device, dtype, allow_base_mismatch, json_path, overwrite)
+        return
+    if prompts is not None:
+        raise BadInputError("--prompts is for --speculative; pass --speculative too, or drop --prompts")
     _check_new_file("--plot", str(plot) if plot else None, overwrite)
     if plot is not None and eval_json is None:
         raise BadInputError("--plot needs --eval-json: the plot's accuracies come from a `balcony eval --json` file")
@@ -923,6 +942,54 @@ def generate(
             f"{figures['drafted']} drafted), {figures['tokens_per_full_pass']:.2f} tokens per full-model pass"
         )
     error_console.print(summary, highlight=False, soft_wrap=True)
+
+
+def _bench_speculative(checkpoint, prompts, draft_exits, draft_tokens, assistant_tokens, max_new_tokens,
+                       threads, device, dtype, allow_base_mismatch, json_path, overwrite) -> None:
+    """Run `balcony bench --speculative`: plain, self-speculative and assisted decoding on the same prompts."""
+    import torch
+
+    from balcony_cli.checkpoint import base_source, load_balcony, read_balcony_config
+    from balcony_cli.loading import load_tokenizer
+    from balcony_cli.speculative_bench import benchmark_speculative, read_prompts
+
+    if prompts is None:
+        raise BadInputError("--speculative needs --prompts FILE (one prompt per line), such as "
+                            "benchmarks/prompts.txt")
+    prompt_list = read_prompts(prompts)
+    exits_list = _checkpoint_exits(checkpoint, draft_exits, None) or read_balcony_config(checkpoint)["exits"]
+    lengths = _int_list("--draft-tokens", draft_tokens)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"--device {device}: no CUDA GPU is available; use --device cpu")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model, config = load_balcony(checkpoint, dtype=getattr(torch, dtype), allow_base_mismatch=allow_base_mismatch)
+    model.to(device)
+    tokenizer = load_tokenizer(base_source(config))
+    result = benchmark_speculative(model, tokenizer, prompt_list, exits_list, lengths, max_new_tokens=max_new_tokens,
+                                   assistant_tokens=assistant_tokens)
+    if json_path:
+        settings = {"checkpoint": str(checkpoint), "prompts": str(prompts), "draft_exits": exits_list,
+                    "draft_tokens": lengths, "assistant_tokens": assistant_tokens, "max_new_tokens": max_new_tokens,
+                    "threads": torch.get_num_threads(), "device": device, "dtype": dtype}
+        _write_json(json_path, _json_document(settings, config["base_fingerprint"], **result.to_dict()), overwrite)
+    if json_path == "-":
+        return
+    table = Table(title=f"{len(prompt_list)} prompts x {max_new_tokens} new tokens, greedy, "
+                  f"{result.threads} threads, {result.device}")
+    for column in ("setting", "tokens/s", "speedup", "acceptance", "tokens per full pass", "identical"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for row in result.rows:
+        table.add_row(
+            row.name, f"{row.tokens_per_s:.2f}", f"{row.speedup:.2f}x" if row.speedup else "-",
+            f"{row.acceptance_rate:.1%}" if row.acceptance_rate is not None else "-",
+            f"{row.tokens_per_full_pass:.2f}" if row.tokens_per_full_pass is not None else "-",
+            "yes" if row.identical else f"no (prompts {','.join(map(str, row.mismatched_prompts))})",
+        )
+    _print_wide(table)
+    for k, value in result.agreement.items():
+        console.print(f"greedy agreement with the full model: exit {k} {value:.1%}, naive exit {k} "
+                      f"{result.naive_agreement[k]:.1%}", highlight=False)
 
 
 def main() -> None:

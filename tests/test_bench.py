@@ -159,3 +159,28 @@ def test_eval_json_from_other_checkpoint_rejected(checkpoint, tmp_path):
     assert "--eval-json" in result.output
     assert "other" in result.output
     assert not plot.exists()
+
+
+def test_speculative_bench_json_rows(checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The 3th fox jumps\n\nA lazy dog\n")
+    out = tmp_path / "spec.json"
+    result = runner.invoke(app, ["bench", "-c", str(checkpoint), "--speculative", "--prompts", str(prompts),
+                                 "--draft-exits", "2", "--draft-tokens", "2", "--max-new-tokens", "6",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["settings"]["draft_exits"] == [2]
+    kinds = [row["kind"] for row in document["rows"]]
+    assert kinds == ["full", "speculative", "assistant_early_exit"]
+    speculative = document["rows"][1]
+    assert speculative["identical"] is True
+    assert speculative["draft_exit"] == 2
+    assert 0.0 <= speculative["acceptance_rate"] <= 1.0
+    assert speculative["tokens_per_s"] > 0
+
+
+def test_speculative_bench_needs_prompts(checkpoint):
+    result = runner.invoke(app, ["bench", "-c", str(checkpoint), "--speculative"])
+    assert result.exit_code == 2
+    assert "--prompts" in result.output
