@@ -480,7 +480,11 @@ def _checkpoint_exits(checkpoint: Path, exits: str | None, exit: str | None) -> 
 
 def _print_wide(table: Table) -> None:
     """Print a table of many columns; in a pipe or log, where rich assumes 80 columns, allow 160."""
-    console.print(table, width=None if console.is_terminal else max(console.width, 160))
+    if console.is_terminal:
+        console.print(table)
+        return
+    # Rich caps print(width=...) at the console's own width, so a wider console is made for the pipe.
+    Console(width=max(console.width, 160)).print(table)
 
 
 def _check_new_file(flag: str, path: str | None, overwrite: bool) -> None:
