@@ -107,3 +107,19 @@ def pruned_model(base: nn.Module, keep: Sequence[int]) -> PrunedModel:
         # The view's body shares this config object, so both see the kept layers' types.
         model.config.layer_types = [layer_types[i] for i in keep]
     return PrunedModel(model=model, kept_layers=[i + 1 for i in keep])
+
+
+def pruned_layers(
+    base: nn.Module, tokenizer, calibration_text: Path, exits: Sequence[int]
+) -> dict[int, list[int]]:
+    """Score block influence once on a calibration text, and pick the 0-based layers pruned k keeps.
+
+    Returns one list per exit k in `exits`.
+    """
+    from balcony_cli.perplexity import perplexity_windows, read_eval_text
+
+    windows = perplexity_windows(
+        tokenizer, read_eval_text(calibration_text), CALIBRATION_TOKENS, CALIBRATION_WINDOW
+    )
+    influence = block_influence(base, windows)
+    return {k: layers_to_keep(influence, k + 1) for k in exits}

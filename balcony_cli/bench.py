@@ -296,9 +296,10 @@ def check_max_length(model: nn.Module, request: BenchRequest) -> None:
 
 def bench(request: BenchRequest, on_row: Callable[[str, int, int], None] | None = None) -> BenchResult:
     """Measure every requested row in one process; `on_row(name, index, total)` runs as each row starts."""
+    from balcony_cli.baselines import pruned_layers
     from balcony_cli.checkpoint import base_source, checkpoint_fingerprint, load_balcony, read_balcony_config
     from balcony_cli.compute import ComputeProfile
-    from balcony_cli.harness import build_row
+    from balcony_cli.harness import build_row, row_plan
 
     request.validate()
     config = read_balcony_config(request.checkpoint)
@@ -328,29 +329,10 @@ def bench(request: BenchRequest, on_row: Callable[[str, int, int], None] | None 
 
     keep: dict[int, list[int]] = {}
     if "prune" in request.baselines:
-        from balcony_cli.baselines import (
-            CALIBRATION_TOKENS,
-            CALIBRATION_WINDOW,
-            block_influence,
-            layers_to_keep,
-        )
         from balcony_cli.loading import load_tokenizer
-        from balcony_cli.perplexity import perplexity_windows, read_eval_text
 
-        tokenizer = load_tokenizer(base_source(config))
-        windows = perplexity_windows(
-            tokenizer, read_eval_text(request.calibration_text), CALIBRATION_TOKENS, CALIBRATION_WINDOW
-        )
-        influence = block_influence(model.base, windows)
-        keep = {k: layers_to_keep(influence, k + 1) for k in exits}
-
-    plan: list[tuple[str, int | None]] = [("full", None)]
-    for k in exits:
-        plan.append(("exit", k))
-        if "prune" in request.baselines:
-            plan.append(("pruned", k))
-        if "naive" in request.baselines:
-            plan.append(("naive", k))
+        keep = pruned_layers(model.base, load_tokenizer(base_source(config)), request.calibration_text, exits)
+    plan = row_plan(exits, request.baselines)
 
     rows = []
     for index, (kind, k) in enumerate(plan):

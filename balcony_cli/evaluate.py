@@ -159,8 +159,9 @@ def evaluate(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from balcony_cli.baselines import pruned_layers
     from balcony_cli.compute import ComputeProfile
-    from balcony_cli.harness import BalconyLM, build_row
+    from balcony_cli.harness import BalconyLM, build_row, row_plan
     from balcony_cli.loading import load_tokenizer
     from balcony_cli.perplexity import model_perplexity, perplexity_table, perplexity_windows, read_eval_text
 
@@ -200,26 +201,8 @@ def evaluate(
 
     keep: dict[int, list[int]] = {}
     if "prune" in request.baselines:
-        from balcony_cli.baselines import (
-            CALIBRATION_TOKENS,
-            CALIBRATION_WINDOW,
-            block_influence,
-            layers_to_keep,
-        )
-
-        windows = perplexity_windows(
-            tokenizer, read_eval_text(request.calibration_text), CALIBRATION_TOKENS, CALIBRATION_WINDOW
-        )
-        influence = block_influence(model.base, windows)
-        keep = {k: layers_to_keep(influence, k + 1) for k in exits}
-
-    plan: list[tuple[str, int | None]] = [("full", None)] if request.full else []
-    for k in exits:
-        plan.append(("exit", k))
-        if "prune" in request.baselines:
-            plan.append(("pruned", k))
-        if "naive" in request.baselines:
-            plan.append(("naive", k))
+        keep = pruned_layers(model.base, tokenizer, request.calibration_text, exits)
+    plan = row_plan(exits, request.baselines, full=request.full)
 
     ppl_windows = None
     fast_ppl = None

@@ -71,6 +71,18 @@ def build_row(model: BalconyModel, kind: RowKind, k: int | None, pruned_keep: li
     return Row("pruned", k, pruned.model, len(pruned_keep), kept_layers=pruned.kept_layers)
 
 
+def row_plan(exits: list[int], baselines: list[str], full: bool = True) -> list[tuple[RowKind, int | None]]:
+    """List the rows to run in table order: the full model, then per exit k: exit k, pruned k, naive k."""
+    plan: list[tuple[RowKind, int | None]] = [("full", None)] if full else []
+    for k in exits:
+        plan.append(("exit", k))
+        if "prune" in baselines:
+            plan.append(("pruned", k))
+        if "naive" in baselines:
+            plan.append(("naive", k))
+    return plan
+
+
 class BalconyLM(HFLM):
     """lm-evaluation-harness model for one row of a Balcony checkpoint.
 
@@ -136,19 +148,11 @@ def _row_from_checkpoint(checkpoint: str, exit, kind: RowKind, dtype, allow_base
 
 
 def _pruned_keep(model: BalconyModel, tokenizer, k: int) -> list[int]:
-    from balcony_cli.baselines import (
-        CALIBRATION_TOKENS,
-        CALIBRATION_WINDOW,
-        block_influence,
-        default_calibration_text,
-        layers_to_keep,
-    )
-    from balcony_cli.perplexity import perplexity_windows, read_eval_text
+    from balcony_cli.baselines import default_calibration_text, pruned_layers
 
     text = default_calibration_text()
     if text is None:
         raise BadInputError(
             "kind=pruned needs a calibration text; set BALCONY_DATA_DIR to the shared data folder"
         )
-    windows = perplexity_windows(tokenizer, read_eval_text(text), CALIBRATION_TOKENS, CALIBRATION_WINDOW)
-    return layers_to_keep(block_influence(model.base, windows), k + 1)
+    return pruned_layers(model.base, tokenizer, text, [k])[k]
