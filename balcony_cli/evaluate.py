@@ -160,6 +160,7 @@ def evaluate(
     from lm_eval.tasks import TaskManager
 
     from balcony_cli.baselines import pruned_layers
+    from balcony_cli.choice_bias import choice_statistics
     from balcony_cli.compute import ComputeProfile
     from balcony_cli.harness import BalconyLM, build_row, row_plan
     from balcony_cli.loading import load_tokenizer
@@ -246,14 +247,17 @@ def evaluate(
                     task_manager=task_manager,
                     limit=request.limit,
                     bootstrap_iters=BOOTSTRAP_ITERS,
-                    log_samples=False,
+                    # The logged samples give the length-bias figures; the table itself needs only results.
+                    log_samples=True,
                 )
                 for name in request.tasks:
                     metrics = _harness_metrics(output["results"][name])
+                    primary = _primary_metric(name, metrics)
                     result.tasks[name] = {
                         "metrics": metrics,
-                        "primary": _primary_metric(name, metrics),
+                        "primary": primary,
                         "samples": output["n-samples"][name]["effective"],
+                        "choices": choice_statistics(output["samples"].get(name, []), primary),
                     }
             if ppl_windows is not None:
                 tokens = fast_ppl.tokens

@@ -36,6 +36,7 @@ from balcony_cli.checkpoint import (
 )
 from balcony_cli.data import expand_variables
 from balcony_cli.errors import BadInputError
+from balcony_cli.perplexity import CALIBRATION_BINS
 from balcony_cli.recipe import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ def _metric(task: dict[str, Any] | None) -> dict[str, float | None] | None:
         return None
     metrics = task["metrics"]
     return {"metric": task["primary"], "value": metrics[task["primary"]],
-            "stderr": metrics.get(f"{task['primary']}_stderr"), "samples": task["samples"]}
+            "stderr": metrics.get(f"{task['primary']}_stderr"), "samples": task["samples"],
+            "choices": task.get("choices")}
 
 
 def _scores(eval_row: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
@@ -516,7 +518,63 @@ def render_markdown(study: Study, results: list[dict[str, Any]], reference: dict
                      _format_ppl(ref["perplexity"])]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines.extend(_render_confidence(protocol.tasks, results, reference))
     return "\n".join(lines)
+
+
+def _choice_cells(tasks: list[str], scores: dict[str, Any]) -> list[str]:
+    cells = []
+    for name in tasks:
+        choices = (scores.get(name) or {}).get("choices")
+        cells.append("-" if choices is None else
+                     f"{choices['shortest_pick_rate']:.2f} / {choices['choice_entropy']:.2f}")
+    return cells
+
+
+def _render_confidence(tasks: list[str], results: list[dict[str, Any]], reference: dict[str, Any] | None) -> list[str]:
+    """Render the second table: how flat and how length-biased each exit's choices are."""
+    headers = ["row", "exit", "validation entropy", "validation ECE",
+               *(f"{TASK_LABELS.get(name, name)} shortest picked / choice entropy" for name in tasks)]
+    gold = {}
+    for row in [*(reference or {}).get("rows", []), *(e for r in results for e in r["exits"])]:
+        for name in tasks:
+            choices = ((row["tasks"].get(name)) or {}).get("choices")
+            if choices is not None:
+                gold[name] = choices["shortest_gold_rate"]
+    lines = [
+        f"Entropy and ECE (expected calibration error of the top-1 next token, {CALIBRATION_BINS} bins) are "
+        "measured on the "
+        "same held-out blocks as validation KL. Shortest picked: share of task items where the model's pick "
+        "is a shortest answer; choice entropy: mean entropy in nats of the softmax over the answers' scores "
+        "(1.386 for four answers it cannot tell apart)."
+        + "".join(f" On {TASK_LABELS.get(n, n)}, the right answer is a shortest one in {gold[n]:.2f} of items."
+                  for n in tasks if n in gold),
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+    ]
+    full_validation = None
+    for result in results:
+        validation = result["train"].get("validation") or {}
+        full_validation = full_validation or validation
+        for index, exit_row in enumerate(result["exits"]):
+            k = str(exit_row["k"])
+            entropy, ece = validation.get("entropy", {}).get(k), validation.get("ece", {}).get(k)
+            cells = [result["name"] if index == 0 else "", k,
+                     "-" if entropy is None else f"{entropy:.2f}", "-" if ece is None else f"{ece:.3f}",
+                     *_choice_cells(tasks, exit_row["tasks"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    for ref in (reference or {}).get("rows", []):
+        if ref["kind"] != "full":
+            continue
+        entropy = (full_validation or {}).get("full_entropy")
+        ece = (full_validation or {}).get("full_ece")
+        cells = ["full (reference)", f"{ref['layers']} layers",
+                 "-" if entropy is None else f"{entropy:.2f}", "-" if ece is None else f"{ece:.3f}",
+                 *_choice_cells(tasks, ref["tasks"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def run_study(request: StudyRequest, on_row: Callable[[str, int, int], None] | None = None) -> StudyResult:

@@ -82,6 +82,11 @@ def test_two_row_study_end_to_end(study_file, data_dir, tmp_path):
             assert exit_row["tasks"]["hellaswag"]["metric"] == "acc_norm"
             assert exit_row["tasks"]["hellaswag"]["samples"] == 3
             assert exit_row["tasks"]["arc_easy"]["stderr"] is not None
+            choices = exit_row["tasks"]["arc_easy"]["choices"]
+            assert choices["items"] == 3
+            # The tiny data's gold answers are "dogs", "cats", "trees": two of three are shortest.
+            assert choices["shortest_gold_rate"] == pytest.approx(2 / 3)
+            assert 0 < choices["choice_entropy"] <= 1.3863
             assert exit_row["perplexity"] > 1
     assert document["rows"][0]["train"]["preparation_seconds"] == 0
     assert document["rows"][1]["train"]["preparation"]["init_fit"]["seconds"] > 0
@@ -96,6 +101,8 @@ def test_two_row_study_end_to_end(study_file, data_dir, tmp_path):
     assert "| full (reference) | 4 layers |" in markdown
     assert "| pruned 3 (reference) | 4 layers |" in markdown
     assert "HellaSwag acc_norm" in markdown
+    assert "ARC-Easy shortest picked / choice entropy" in markdown
+    assert "the right answer is a shortest one in 0.67 of items" in markdown
     assert (tmp_path / "runs/validation-kl.png").read_bytes()[:4] == b"\x89PNG"
 
     curves = read_validation_curves(tmp_path / "runs/fit/run")
