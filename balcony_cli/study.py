@@ -221,7 +221,7 @@ def _metric(task: dict[str, Any] | None) -> dict[str, float | None] | None:
     metrics = task["metrics"]
     return {"metric": task["primary"], "value": metrics[task["primary"]],
             "stderr": metrics.get(f"{task['primary']}_stderr"), "samples": task["samples"],
-            "choices": task.get("choices")}
+            "choices": task.get("choices"), "metrics": metrics}
 
 
 def _scores(eval_row: dict[str, Any], tasks: list[str]) -> dict[str, Any]:

@@ -82,6 +82,8 @@ def test_two_row_study_end_to_end(study_file, data_dir, tmp_path):
             assert exit_row["tasks"]["hellaswag"]["metric"] == "acc_norm"
             assert exit_row["tasks"]["hellaswag"]["samples"] == 3
             assert exit_row["tasks"]["arc_easy"]["stderr"] is not None
+            # Every harness metric is kept, so ARC-Easy's acc_norm can be set against its acc.
+            assert set(exit_row["tasks"]["arc_easy"]["metrics"]) >= {"acc", "acc_stderr", "acc_norm"}
             choices = exit_row["tasks"]["arc_easy"]["choices"]
             assert choices["items"] == 3
             # The tiny data's gold answers are "dogs", "cats", "trees": two of three are shortest.
