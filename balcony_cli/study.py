@@ -535,20 +535,21 @@ def _render_confidence(tasks: list[str], results: list[dict[str, Any]], referenc
     """Render the second table: how flat and how length-biased each exit's choices are."""
     headers = ["row", "exit", "validation entropy", "validation ECE",
                *(f"{TASK_LABELS.get(name, name)} shortest picked / choice entropy" for name in tasks)]
-    gold = {}
-    for row in [*(reference or {}).get("rows", []), *(e for r in results for e in r["exits"])]:
-        for name in tasks:
-            choices = ((row["tasks"].get(name)) or {}).get("choices")
-            if choices is not None:
-                gold[name] = choices["shortest_gold_rate"]
-    lines = [
+    note = (
         f"Entropy and ECE (expected calibration error of the top-1 next token, {CALIBRATION_BINS} bins) are "
-        "measured on the "
-        "same held-out blocks as validation KL. Shortest picked: share of task items where the model's pick "
-        "is a shortest answer; choice entropy: mean entropy in nats of the softmax over the answers' scores "
-        "(1.386 for four answers it cannot tell apart)."
-        + "".join(f" On {TASK_LABELS.get(n, n)}, the right answer is a shortest one in {gold[n]:.2f} of items."
-                  for n in tasks if n in gold),
+        "measured on the same held-out blocks as validation KL. Shortest picked: share of task items where "
+        "the model's pick is a shortest answer; choice entropy: mean entropy in nats of the softmax over the "
+        "answers' scores (1.386 for four answers it cannot tell apart)."
+    )
+    # Every row scores the same items, so the right answers' rate comes from any row that has it.
+    scored_rows = [*(reference or {}).get("rows", []), *(exit_row for r in results for exit_row in r["exits"])]
+    for name in tasks:
+        rates = [row["tasks"][name]["choices"]["shortest_gold_rate"] for row in scored_rows
+                 if (row["tasks"].get(name) or {}).get("choices")]
+        if rates:
+            note += f" On {TASK_LABELS.get(name, name)}, the right answer is a shortest one in {rates[0]:.2f} of items."
+    lines = [
+        note,
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "---|" * len(headers),
