@@ -21,7 +21,7 @@ from rich.table import Table
 
 from balcony_cli import __version__
 from balcony_cli.errors import BadInputError, BalconyError
-from balcony_cli.recipe import Recipe
+from balcony_cli.recipe import INIT_SCHEDULES, Recipe
 
 app = typer.Typer(
     help="Add trained early exits (Balcony layers) to a frozen decoder-only language model.",
@@ -143,6 +143,9 @@ def _absolute_if_local(path: str | None) -> str | None:
 
 def _recipe_help(field: str, text: str) -> str:
     """Help text for a flag that overrides a recipe field, with the field's default."""
+    if field in ("lr", "warmup_ratio"):
+        by_init = ", ".join(f"{getattr(schedule, field):g} for {init}" for init, schedule in INIT_SCHEDULES.items())
+        return f"{text}. Overrides the recipe; default by --init: {by_init}."
     return f"{text}. Overrides the recipe; default {RECIPE_DEFAULTS[field]}."
 
 
@@ -291,7 +294,9 @@ def train(
     ),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help=_recipe_help("seq_len", "Tokens per training block")),
     precision: Optional[str] = typer.Option(
-        None, "--precision", help=_recipe_help("precision", "fp32, or bf16 autocast")
+        None, "--precision", help=_recipe_help(
+            "precision", "bf16 autocast, fp32, or auto: bf16 where the CPU or GPU has native bf16, else fp32"
+        )
     ),
     seed: Optional[int] = typer.Option(None, "--seed", help=_recipe_help("seed", "Random seed")),
     save_every: Optional[int] = typer.Option(

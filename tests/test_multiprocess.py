@@ -22,6 +22,8 @@ def train_command(model_dir, corpus, output, batch_size):
         "-m", "balcony_cli", "train", str(model_dir), "--exits", "1,3", "--data", str(corpus),
         "-o", str(output), "--max-steps", "4", "--seq-len", "32", "--batch-size", str(batch_size),
         "--lr", "0.01", "--no-perplexity", "--save-every", "0", "--eval-every", "0",
+        # Fixed, whatever the defaults and the machine's bf16 support: the runs must agree to fp32 rounding.
+        "--init", "copy-last", "--precision", "fp32",
     ]
 
 

@@ -109,3 +109,23 @@ def test_study_levers_load_from_yaml(tmp_path):
 def test_invalid_study_levers_rejected(changes, message):
     with pytest.raises(BadInputError, match=message):
         recipe_from_dict({"exits": [1], **changes})
+
+
+def test_default_schedule_follows_init():
+    default = load_recipe(None)
+    assert default.init == "fit"
+    assert (default.lr, default.warmup_ratio) == (3e-4, 0.2)
+    copy_last = load_recipe(None, {"init": "copy-last"})
+    assert (copy_last.lr, copy_last.warmup_ratio) == (1e-2, 0.05)
+
+
+def test_explicit_schedule_overrides_init_default(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("exits: [1]\ninit: copy-last\nlr: 1.0e-3\n")
+    recipe = load_recipe(path)
+    assert recipe.lr == 1e-3
+    # warmup_ratio was not set, so it still comes from init.
+    assert recipe.warmup_ratio == 0.05
+    # The saved recipe stores the resolved values, so a resumed run keeps them whatever the defaults.
+    saved = recipe.to_dict()
+    assert (saved["lr"], saved["warmup_ratio"]) == (1e-3, 0.05)

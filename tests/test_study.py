@@ -46,7 +46,8 @@ def data_dir(tmp_path, corpus_dir):
 def study_file(tmp_path, tiny_model_dir):
     recipe = tmp_path / "base.yaml"
     recipe.write_text(yaml.safe_dump({
-        "exits": [1, 3], "data": "${BALCONY_DATA_DIR}/corpus", "seq_len": 32, "batch_size": 2, "max_steps": 3,
+        "exits": [1, 3], "init": "copy-last", "precision": "fp32",
+        "data": "${BALCONY_DATA_DIR}/corpus", "seq_len": 32, "batch_size": 2, "max_steps": 3,
         "lr": 1e-2, "loss_chunk_tokens": 16, "val_blocks": 2, "eval_every": 1, "eval_at_start": True,
         "save_every": 0, "log_every": 1,
     }))

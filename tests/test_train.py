@@ -11,12 +11,16 @@ from balcony_cli.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_balcony
 from balcony_cli.data import build_splits, resolve_data
 from balcony_cli.errors import BadInputError
 from balcony_cli.recipe import Recipe
-from balcony_cli.train import METRICS, RECIPE_FILE, SUMMARY, TrainRequest, train
+from balcony_cli.train import METRICS, RECIPE_FILE, SUMMARY, TrainRequest, auto_precision, train
 
 
 def tiny_recipe(corpus_dir, eval_text=None, **changes) -> Recipe:
     settings = dict(
         exits=[1, 3],
+        # Fixed here, not left to the defaults: the tests below are written for copy-last's start far
+        # from the full model, and for fp32 whatever the machine's bf16 support.
+        init="copy-last",
+        precision="fp32",
         data=str(corpus_dir),
         seq_len=32,
         batch_size=2,
@@ -175,6 +179,39 @@ def test_bf16_training_runs(tiny_model_dir, corpus_dir, tmp_path):
     assert all(0 < loss < 100 for _, loss in losses)
     weights = load_file(str(output / WEIGHTS_NAME))
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"), [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]
+)
+def test_auto_precision_follows_cpu_bf16_support(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert auto_precision() == expected
+
+
+def test_auto_precision_without_torch_query_is_fp32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert auto_precision() == "fp32"
+
+
+def test_auto_precision_is_saved_and_kept_on_resume(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    monkeypatch.setattr("balcony_cli.train.auto_precision", lambda: "bf16")
+    recipe = tiny_recipe(corpus_dir, precision="auto", max_steps=2, save_every=1, eval_every=0)
+    train(TrainRequest(model=str(tiny_model_dir), recipe=recipe, output_dir=output, perplexity=False))
+    assert "precision: bf16" in (output / RECIPE_FILE).read_text()
+
+    # On a machine without bf16, the resumed run goes on in the precision it started with.
+    monkeypatch.setattr("balcony_cli.train.auto_precision", lambda: "fp32")
+    longer = tiny_recipe(corpus_dir, precision="auto", max_steps=3, save_every=1, eval_every=0)
+    result = train(TrainRequest(model=str(tiny_model_dir), recipe=longer, output_dir=output, resume=True,
+                                perplexity=False))
+    assert result.steps == 3
+    assert "precision: bf16" in (output / RECIPE_FILE).read_text()
 
 
 def test_finished_run_extends_with_larger_max_steps(tiny_model_dir, corpus_dir, tmp_path):
