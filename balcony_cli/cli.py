@@ -380,7 +380,10 @@ def train(
         )
     stopped = ""
     if result.stopped_by == "max_minutes":
-        stopped = f" (stopped by the {result.train_seconds / 60:.1f}-minute budget)"
+        stopped = (
+            f" (stopped by the {request.recipe.max_minutes:g}-minute budget after "
+            f"{result.train_seconds / 60:.1f} minutes of steps)"
+        )
     preparation = ""
     if result.preparation:
         parts = [f"{name.replace('_', ' ')} {part['seconds']:.1f} s" for name, part in result.preparation.items()]

@@ -60,6 +60,17 @@ def test_train_cli_prints_table_and_json(tiny_model_dir, corpus_dir, tmp_path):
     assert "--json" in again.output
 
 
+def test_train_cli_names_time_budget(tiny_model_dir, corpus_dir, tmp_path):
+    output = tmp_path / "out"
+    result = run(
+        "train", tiny_model_dir, "--data", corpus_dir, "-o", output, "--exits", "1", "--seq-len", "16",
+        "--max-steps", "100000", "--max-minutes", "0.005", "--no-perplexity", "--save-every", "0",
+        "--eval-every", "0",
+    )
+    assert result.exit_code == 0, result.output
+    assert "stopped by the 0.005-minute budget after 0.0 minutes of steps" in result.output
+
+
 def test_module_entry_point():
     completed = subprocess.run(
         [sys.executable, "-m", "balcony_cli", "--help"], capture_output=True, text=True, timeout=120
