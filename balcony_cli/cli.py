@@ -146,6 +146,8 @@ def _recipe_help(field: str, text: str) -> str:
     if field in ("lr", "warmup_ratio"):
         by_init = ", ".join(f"{getattr(schedule, field):g} for {init}" for init, schedule in INIT_SCHEDULES.items())
         return f"{text}. Overrides the recipe; default by --init: {by_init}."
+    if RECIPE_DEFAULTS[field] is None:
+        return f"{text}. Overrides the recipe; unset by default."
     return f"{text}. Overrides the recipe; default {RECIPE_DEFAULTS[field]}."
 
 
