@@ -71,10 +71,10 @@ class Recipe:
     max_minutes: float | None = None
     """Minutes of optimiser steps (validation and saving not counted) before training stops; the LR schedule follows time."""
     lr: float | None = None
-    """Peak AdamW learning rate; unset: the one INIT_SCHEDULES gives for init."""
+    """Peak AdamW learning rate. When unset, INIT_SCHEDULES gives the one for `init`."""
     warmup_ratio: float | None = None
-    """Share of max_steps (of max_minutes, when set) spent in linear warm-up before the cosine decay to zero;
-    unset: the one INIT_SCHEDULES gives for init."""
+    """Share of max_steps (of max_minutes, when set) spent in linear warm-up before the cosine decay to zero.
+    When unset, INIT_SCHEDULES gives the one for `init`."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -90,8 +90,8 @@ class Recipe:
     loss_chunk_tokens: int = 1024
     """Tokens per chunk when the loss applies the LM head; bounds the memory held by logits."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """bf16 autocast for the forward passes (the optimiser state stays fp32), fp32, or auto: bf16 where the
-    device computes in bf16 natively (see train.auto_precision), else fp32."""
+    """Precision of the forward passes: bf16 autocast (the optimiser state stays fp32), fp32, or auto, which
+    picks bf16 where the device computes it natively (train.auto_precision) and fp32 elsewhere."""
     seed: int = 0
     """Seed for initialisation, data order and everything random in the run."""
     val_blocks: int = 16

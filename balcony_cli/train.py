@@ -346,10 +346,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, ("\n".join(kept) + "\n").encode() if kept else b"")
 
 
-def _check_resumed_recipe(output_dir: Path, recipe: Recipe) -> None:
+def _read_saved_recipe(output_dir: Path) -> dict[str, Any]:
+    """Read the recipe fields that the run in `output_dir` started with."""
     import yaml
 
-    saved = yaml.safe_load((output_dir / RECIPE_FILE).read_text())
+    return yaml.safe_load((output_dir / RECIPE_FILE).read_text()) or {}
+
+
+def _check_resumed_recipe(output_dir: Path, recipe: Recipe) -> None:
+    saved = _read_saved_recipe(output_dir)
     current = recipe.to_dict()
     # A recipe saved before a field existed ran with that field's default.
     defaults = Recipe().to_dict()
@@ -422,8 +427,10 @@ def auto_precision() -> str:
     1.4 times the tokens per second of fp32 with a validation KL as low (docs/study/exit-learning.md).
     CPUs without bf16 instructions emulate it, and can be slower than fp32.
     """
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if torch.cuda.is_available() and not use_cpu:
+    from accelerate.utils import parse_flag_from_env
+
+    # ACCELERATE_USE_CPU is how accelerate is told to train on the CPU of a machine with a GPU.
+    if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     # torch 2.13 has no public query for CPU bf16 support. These private ones are looked up with
     # getattr, so that a torch without them trains in fp32 instead of failing.
@@ -440,12 +447,10 @@ def _resolve_precision(request: TrainRequest) -> TrainRequest:
     """
     if request.recipe.precision != "auto":
         return request
-    saved_path = Path(request.output_dir) / RECIPE_FILE
-    if request.resume and saved_path.is_file():
-        import yaml
-
+    output_dir = Path(request.output_dir)
+    if request.resume and (output_dir / RECIPE_FILE).is_file():
         # A recipe saved before the precision field existed ran in fp32.
-        precision = (yaml.safe_load(saved_path.read_text()) or {}).get("precision", "fp32")
+        precision = _read_saved_recipe(output_dir).get("precision", "fp32")
     else:
         precision = auto_precision()
     logger.info("precision auto: training in %s", precision)

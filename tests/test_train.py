@@ -184,21 +184,35 @@ def test_bf16_training_runs(tiny_model_dir, corpus_dir, tmp_path):
 @pytest.mark.parametrize(
     ("avx512_bf16", "amx", "expected"), [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]
 )
-def test_auto_precision_follows_cpu_bf16_support(monkeypatch, avx512_bf16, amx, expected):
+def test_auto_precision_follows_cpu_support(monkeypatch, avx512_bf16, amx, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     assert auto_precision() == expected
 
 
-def test_auto_precision_without_torch_query_is_fp32(monkeypatch):
+def test_auto_precision_falls_back_to_fp32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     assert auto_precision() == "fp32"
 
 
-def test_auto_precision_is_saved_and_kept_on_resume(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("use_cpu", "expected"), [(None, "bf16"), ("false", "bf16"), ("true", "fp32")])
+def test_auto_precision_on_bf16_gpu(monkeypatch, use_cpu, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    if use_cpu is None:
+        monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
+    # With ACCELERATE_USE_CPU set, accelerate trains on the CPU, whose bf16 support decides.
+    assert auto_precision() == expected
+
+
+def test_auto_precision_kept_on_resume(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
     output = tmp_path / "run"
     monkeypatch.setattr("balcony_cli.train.auto_precision", lambda: "bf16")
     recipe = tiny_recipe(corpus_dir, precision="auto", max_steps=2, save_every=1, eval_every=0)
