@@ -429,7 +429,7 @@ def auto_precision() -> str:
     """
     from accelerate.utils import parse_flag_from_env
 
-    # ACCELERATE_USE_CPU is how accelerate is told to train on the CPU of a machine with a GPU.
+    # ACCELERATE_USE_CPU makes accelerate train on the CPU of a machine that has a GPU.
     if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     # torch 2.13 has no public query for CPU bf16 support. These private ones are looked up with
